@@ -1,0 +1,42 @@
+"""Picks the compiled fast path or its pure-Python twin.
+
+``IMPLEMENTATION`` names the module in use: ``"kproxy._fastpath"`` (compiled)
+or ``"kproxy._fastpath_py"`` (twin).  The twin is used when
+``KPROXY_NO_EXTENSIONS=1`` is set or the extension is missing;
+``KPROXY_REQUIRE_EXTENSIONS=1`` turns a missing extension into an ImportError
+so that CI cannot silently test the twin twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+from kproxy import _fastpath_py
+
+
+def _load() -> ModuleType:
+    if os.environ.get("KPROXY_NO_EXTENSIONS") == "1":
+        return _fastpath_py
+    try:
+        from kproxy import _fastpath  # type: ignore[attr-defined]
+    except ImportError:
+        if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
+            raise
+        return _fastpath_py
+    return _fastpath  # type: ignore[no-any-return]
+
+
+_impl = _load()
+
+IMPLEMENTATION: str = _impl.__name__
+COMPILED: bool = _impl is not _fastpath_py
+
+# Typed by the twin; the compiled module has the same API
+# (tests/unit/test_fastpath_parity.py holds the two to each other).
+port_proto_hash: Callable[[str, str], str] = _impl.port_proto_hash
+endpoint_hash: Callable[[str, str, str], str] = _impl.endpoint_hash
+RoundRobin: type[_fastpath_py.RoundRobin] = _impl.RoundRobin
+
+__all__ = ["COMPILED", "IMPLEMENTATION", "RoundRobin", "endpoint_hash", "port_proto_hash"]

@@ -1,0 +1,1 @@
+"""Test-tier support: prerequisites, network namespaces and the VM runner."""

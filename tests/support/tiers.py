@@ -1,0 +1,33 @@
+"""Tier prerequisites: skip locally, fail under CI.
+
+A tier whose prerequisites are missing (no root, no iptables, no qemu, ...)
+is skipped on a developer's machine but fails when ``CI=true``, so that a CI
+run can never pass by skipping the tests that matter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(ok: bool, why: str) -> None:
+    """Skip (locally) or fail (under CI=true) the current test unless ``ok``."""
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"tier prerequisite missing under CI: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root (CAP_NET_ADMIN)")
+
+
+def require_commands(*names: str) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    require(not missing, f"missing commands: {', '.join(missing)}")
