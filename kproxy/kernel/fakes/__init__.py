@@ -1,0 +1,1 @@
+"""Stateful fakes of the kernel verbs, held to the real kernel by contract suites."""
