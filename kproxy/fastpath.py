@@ -9,6 +9,7 @@ so that CI cannot silently test the twin twice.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -24,6 +25,10 @@ def _load() -> ModuleType:
     except ImportError:
         if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
             raise
+        # Not asked for: say so, since the twin is several times slower.
+        logging.getLogger(__name__).warning(
+            "compiled fast path kproxy._fastpath is not installed; using the pure-Python twin"
+        )
         return _fastpath_py
     return _fastpath  # type: ignore[no-any-return]
 

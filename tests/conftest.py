@@ -1,12 +1,13 @@
 """Suite-wide fixtures and the guard that keeps the host untouched.
 
 The session guard snapshots the root network namespace's rules (legacy and
-nft) and its list of network namespaces, and fails the run if a test left
-either changed.
+nft, IPv4 and IPv6) and this session's network namespaces, and fails the run
+if a test left either changed.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -34,9 +35,13 @@ def _root_state() -> dict[str, str]:
                 if not line.startswith("#")
             )
     if shutil.which("ip"):
-        state["netns"] = subprocess.run(
+        listing = subprocess.run(
             ["ip", "netns", "list"], capture_output=True, text=True, check=False
         ).stdout
+        # Only this session's namespaces: other sessions on a shared machine
+        # may create and remove their own while we run.
+        ours = f"kpt-{os.getpid()}-"
+        state["netns"] = "\n".join(line for line in listing.splitlines() if line.startswith(ours))
     return state
 
 

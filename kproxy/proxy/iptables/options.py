@@ -1,0 +1,88 @@
+"""ProxyConfig + host facts → :class:`RenderOptions` (shared by render and the proxy).
+
+Host features the rules depend on (``random-fully``, ``nfacct``,
+``tcp-be-liberal``) are detected on the host by default, or given as a list
+for a dry run (``--host-features``), so that ``kproxy render`` can reproduce
+another machine's ruleset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kproxy.errors import KProxyError
+from kproxy.proxy.config import ProxyConfig
+from kproxy.proxy.iptables.chains import LocalDetector, RenderOptions, masquerade_mark
+from kproxy.proxy.types import IPV6, parse_cidr_sloppy, parse_ip_sloppy
+
+FEATURES = ("random-fully", "nfacct", "tcp-be-liberal")
+
+
+@dataclass(frozen=True, slots=True)
+class HostFeatures:
+    random_fully: bool = False
+    nfacct: bool = False
+    tcp_be_liberal: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> HostFeatures:
+        """``"random-fully,nfacct"``; an empty string means none."""
+        names = {n.strip() for n in text.split(",") if n.strip()}
+        unknown = names - set(FEATURES)
+        if unknown:
+            raise KProxyError(
+                f"unknown host feature(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(FEATURES)}"
+            )
+        return cls("random-fully" in names, "nfacct" in names, "tcp-be-liberal" in names)
+
+
+def node_ip(cfg: ProxyConfig, node_ips: tuple[str, ...]) -> str | None:
+    """Upstream: ``--bind-address`` unless unspecified, else the Node's primary IP."""
+    if cfg.bind_address not in ("", "0.0.0.0", "::"):
+        return cfg.bind_address
+    return node_ips[0] if node_ips else None
+
+
+def nodeport_ips(cfg: ProxyConfig, node_ips: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The node IPs NodePorts answer on; None = every local address (flag unset)."""
+    if not cfg.nodeport_addresses:
+        return None
+    out: list[str] = []
+    for spec in cfg.nodeport_addresses:
+        if spec == "primary":
+            out.extend(node_ips[:1])
+            continue
+        net = parse_cidr_sloppy(spec)
+        for ip in node_ips:
+            addr = parse_ip_sloppy(ip)
+            if net is not None and addr is not None and addr in net and ip not in out:
+                out.append(ip)
+    return tuple(out)
+
+
+def render_options(
+    cfg: ProxyConfig,
+    *,
+    node_name: str,
+    node_ips: tuple[str, ...],
+    features: HostFeatures,
+    family: str = "IPv4",
+) -> RenderOptions:
+    ipv6 = family == IPV6
+    cidrs = [c for c in cfg.cluster_cidrs if (":" in c) == ipv6]
+    detector = LocalDetector.by_cidr(cidrs[0]) if cidrs else LocalDetector()
+    return RenderOptions(
+        masquerade_mark=masquerade_mark(cfg.masquerade_bit),
+        masquerade_all=cfg.masquerade_all,
+        local_detector=detector,
+        random_fully=features.random_fully,
+        ipv6=ipv6,
+        localhost_nodeports=cfg.localhost_nodeports,
+        conntrack_tcp_be_liberal=features.tcp_be_liberal or cfg.conntrack_tcp_be_liberal,
+        nfacct_ct_state_invalid=features.nfacct,
+        nfacct_localhost_nodeports=features.nfacct,
+        nodeport_ips=nodeport_ips(cfg, node_ips),
+        node_ip=node_ip(cfg, node_ips),
+        node_name=node_name,
+    )
