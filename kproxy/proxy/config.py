@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import ipaddress
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,10 @@ class ProxyConfig:
             raise ConfigError(
                 f"--iptables-backend must be auto, legacy or nft, not {self.iptables_backend!r}"
             )
+
+    def node_name(self) -> str:
+        """``--hostname-override``, else the hostname, lower-cased as upstream."""
+        return (self.hostname_override or socket.gethostname()).strip().lower()
 
     def as_configuration(self) -> dict[str, Any]:
         """This config as a KubeProxyConfiguration document (for ``/configz``)."""

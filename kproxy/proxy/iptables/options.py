@@ -8,12 +8,17 @@ another machine's ruleset.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from kproxy.errors import KProxyError
+from kproxy.kernel import sysctl
+from kproxy.kernel.iptables import IptablesBackend, IptablesError
 from kproxy.proxy.config import ProxyConfig
 from kproxy.proxy.iptables.chains import LocalDetector, RenderOptions, masquerade_mark
 from kproxy.proxy.types import IPV6, parse_cidr_sloppy, parse_ip_sloppy
+
+log = logging.getLogger(__name__)
 
 FEATURES = ("random-fully", "nfacct", "tcp-be-liberal")
 
@@ -37,8 +42,27 @@ class HostFeatures:
         return cls("random-fully" in names, "nfacct" in names, "tcp-be-liberal" in names)
 
 
+def detect_host_features(ipt: IptablesBackend | None, cfg: ProxyConfig) -> HostFeatures:
+    """What this host's iptables and conntrack support (None: no iptables to ask)."""
+    random_fully = False
+    if ipt is not None:
+        try:
+            random_fully = ipt.has_random_fully()
+        except (IptablesError, OSError) as exc:
+            log.warning("cannot probe iptables (%s); assuming no --random-fully", exc)
+    liberal = cfg.conntrack_tcp_be_liberal or (
+        sysctl.read("net/netfilter/nf_conntrack_tcp_be_liberal") not in (None, "", "0")
+    )
+    # kproxy does not create nfacct counters, so it writes -m nfacct rules only
+    # when asked to reproduce a host that has them (--host-features nfacct).
+    return HostFeatures(random_fully=random_fully, nfacct=False, tcp_be_liberal=liberal)
+
+
 def node_ip(cfg: ProxyConfig, node_ips: tuple[str, ...]) -> str | None:
-    """Upstream: ``--bind-address`` unless unspecified, else the Node's primary IP."""
+    """``--node-ip``, else ``--bind-address`` unless unspecified (upstream), else the
+    Node's primary IP."""
+    if cfg.node_ips:
+        return cfg.node_ips[0]
     if cfg.bind_address not in ("", "0.0.0.0", "::"):
         return cfg.bind_address
     return node_ips[0] if node_ips else None
@@ -68,7 +92,10 @@ def render_options(
     node_ips: tuple[str, ...],
     features: HostFeatures,
     family: str = "IPv4",
+    topology_labels: tuple[tuple[str, str], ...] = (),
 ) -> RenderOptions:
+    """``node_ips`` are the node's addresses known so far (flags first, then the Node)."""
+    node_ips = tuple(dict.fromkeys([*cfg.node_ips, *node_ips]))
     ipv6 = family == IPV6
     cidrs = [c for c in cfg.cluster_cidrs if (":" in c) == ipv6]
     detector = LocalDetector.by_cidr(cidrs[0]) if cidrs else LocalDetector()
@@ -85,4 +112,5 @@ def render_options(
         nodeport_ips=nodeport_ips(cfg, node_ips),
         node_ip=node_ip(cfg, node_ips),
         node_name=node_name,
+        topology_labels=topology_labels,
     )

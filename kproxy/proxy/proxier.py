@@ -1,0 +1,355 @@
+"""The proxy loop: source events → snapshots → ``mode.sync`` → kernel.
+
+Owns the wiring of :class:`~kproxy.proxy.core.ProxyCore`, the
+:class:`~kproxy.proxy.runner.BoundedFrequencyRunner`, a
+:class:`~kproxy.proxy.mode.Mode`, :class:`~kproxy.proxy.health.ProxyHealth` and
+:class:`~kproxy.proxy.metrics.ProxyMetrics`, and :func:`run_proxy`, the
+``kproxy proxy`` process (objects-file source, health and metrics servers,
+runner, canary poll).
+
+Invariants:
+
+- a sync is full at startup, after a failed sync, after a Node topology change,
+  when the canary chain vanished, and at least every :data:`FULL_SYNC_PERIOD`;
+  otherwise it is partial (upstream ``syncProxyRules``);
+- nothing syncs before the source delivered its first full set (``synced``),
+  so a starting proxy never writes a ruleset without the Services it will have;
+- the snapshot is taken on the event loop (the only place the trackers are
+  mutated); the mode's blocking kernel calls run in a worker thread;
+- a failed sync raises :class:`SyncFailed` so that the runner retries it after
+  ``--iptables-sync-period``; health is updated only by a successful sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Final, TextIO
+
+from aiohttp import web
+
+from kproxy.errors import KProxyError
+from kproxy.proxy.config import ConfigError, ProxyConfig
+from kproxy.proxy.core import ProxyCore, Snapshot
+from kproxy.proxy.health import ProxyHealth, health_app
+from kproxy.proxy.iptables.chains import RenderOptions
+from kproxy.proxy.iptables.mode import DryRunIptablesMode, IptablesMode
+from kproxy.proxy.iptables.options import HostFeatures, detect_host_features, render_options
+from kproxy.proxy.metrics import ProxyMetrics, metrics_app
+from kproxy.proxy.mode import Mode, SyncResult
+from kproxy.proxy.runner import BoundedFrequencyRunner
+from kproxy.proxy.sources import ObjectsFile
+
+__all__ = ["FULL_SYNC_PERIOD", "Proxier", "SyncFailed", "cleanup", "run_proxy"]
+
+log = logging.getLogger(__name__)
+
+# proxyutil.FullSyncPeriod: also the runner's max interval.
+FULL_SYNC_PERIOD: Final = 3600.0
+
+
+class SyncFailed(KProxyError):
+    """A sync did not apply; the runner retries it after the sync period."""
+
+
+def _parse_trigger_time(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        log.warning("ignoring a malformed last-change-trigger-time %r", text)
+        return None
+
+
+class Proxier:
+    """Decides when a sync is full, runs it, and keeps health and metrics."""
+
+    def __init__(
+        self,
+        core: ProxyCore,
+        mode: Mode,
+        *,
+        health: ProxyHealth,
+        metrics: ProxyMetrics,
+        sync_period: float = 30.0,
+        min_sync_period: float = 1.0,
+        full_sync_period: float = FULL_SYNC_PERIOD,
+        canary: Callable[[], bool] | None = None,
+        on_topology: Callable[[tuple[tuple[str, str], ...]], None] | None = None,
+        after_sync: Callable[[Snapshot], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.mode = mode
+        self.health = health
+        self.metrics = metrics
+        self.sync_period = sync_period
+        self.full_sync_period = full_sync_period
+        self._canary = canary
+        self._on_topology = on_topology
+        self._after_sync = after_sync
+        self._clock = clock
+        self._wall = wall
+        self.family = core.family
+        self.need_full = True
+        self.last_full = -float("inf")
+        self.syncs: list[SyncResult] = []  # bounded: the last few, for tests and logs
+        self._node: Any = None
+        self.runner = BoundedFrequencyRunner(
+            "sync-runner", self.sync, min_sync_period, sync_period, full_sync_period
+        )
+        core.on_change = self.on_change
+        if core.node is not None:
+            self.on_change()
+
+    # -- events ----------------------------------------------------------------
+    def on_change(self) -> None:
+        if self.core.node is not self._node:
+            self._node = self.core.node
+            self.health.sync_node(self._node)
+        self.health.queued_update(self.family)
+        self.metrics.last_queued_timestamp.labels(ip_family=self.family).set(self._wall())
+        self._set_pending()
+        self.runner.run()
+
+    def _set_pending(self) -> None:
+        svc, eps = self.core.pending
+        self.metrics.service_changes_pending.set(svc)
+        self.metrics.endpoint_changes_pending.set(eps)
+
+    def force_full(self) -> None:
+        self.need_full = True
+        self.runner.run()
+
+    def check_canary(self) -> bool:
+        """Poll the mode's canary; a missing one forces a full resync. True if present."""
+        if self._canary is None or self._canary():
+            return True
+        log.warning("the canary chain is gone (rules flushed?); forcing a full resync")
+        self.force_full()
+        return False
+
+    # -- syncing ---------------------------------------------------------------
+    def prepare(self) -> tuple[Snapshot, bool] | None:
+        """Take the snapshot and decide full vs partial; None before the first full set."""
+        if not self.core.synced_once:
+            log.debug("not syncing: the source has not delivered its first full set")
+            return None
+        svc, eps = self.core.pending
+        snap = self.core.snapshot()
+        # Counted per coalesced change (an object updated twice between syncs counts once).
+        self.metrics.service_changes.inc(svc)
+        self.metrics.endpoint_changes.inc(eps)
+        self._set_pending()
+        if snap.topology_changed and self._on_topology is not None:
+            self._on_topology(self.core.topology_labels(self.core.node))
+        full = (
+            self.need_full
+            or snap.topology_changed
+            or self._clock() - self.last_full >= self.full_sync_period
+        )
+        return snap, full
+
+    def finish(self, snap: Snapshot, full: bool, result: SyncResult, elapsed: float) -> None:
+        fam = self.family
+        done_full = result.full or full
+        self.metrics.sync_duration.labels(ip_family=fam).observe(elapsed)
+        split = self.metrics.sync_full_duration if done_full else self.metrics.sync_partial_duration
+        split.labels(ip_family=fam).observe(elapsed)
+        self.syncs = [*self.syncs[-9:], result]
+        if not result.ok:
+            self.need_full = True
+            raise SyncFailed(f"{self.mode.name} sync failed: {result.error}")
+        if done_full:
+            self.need_full = False
+            self.last_full = self._clock()
+        now = self._wall()
+        self.health.updated(fam)
+        self.metrics.last_sync_timestamp.labels(ip_family=fam).set(now)
+        for times in snap.trigger_times.values():
+            for text in times:
+                t = _parse_trigger_time(text)
+                if t is not None and now >= t:
+                    self.metrics.network_programming_duration.labels(ip_family=fam).observe(now - t)
+        log.debug(
+            "%s %s sync took %.3fs: %s",
+            self.mode.name,
+            "full" if done_full else "partial",
+            elapsed,
+            dict(result.rules_written),
+        )
+
+    def run_after_sync(self, snap: Snapshot) -> None:
+        """The post-sync hook (UDP conntrack cleanup); its failure never fails the sync."""
+        if self._after_sync is None:
+            return
+        try:
+            self._after_sync(snap)
+        except Exception:
+            log.exception("post-sync cleanup failed; the next sync retries it")
+
+    def sync_now(self) -> SyncResult | None:
+        """One sync on the calling thread (tests, ``--init-only``-like uses)."""
+        prepared = self.prepare()
+        if prepared is None:
+            return None
+        snap, full = prepared
+        start = time.monotonic()
+        result = self.mode.sync(snap, full)
+        self.finish(snap, full, result, time.monotonic() - start)
+        self.run_after_sync(snap)
+        return result
+
+    async def sync(self) -> None:
+        """The runner's sync function: the kernel work runs in a worker thread."""
+        prepared = self.prepare()
+        if prepared is None:
+            return
+        snap, full = prepared
+        start = time.monotonic()
+        result = await asyncio.to_thread(self.mode.sync, snap, full)
+        self.finish(snap, full, result, time.monotonic() - start)
+        if self._after_sync is not None:
+            await asyncio.to_thread(self.run_after_sync, snap)
+
+    async def canary_loop(self) -> None:
+        """Poll the canary every sync period, as upstream's rule monitor does."""
+        if self._canary is None:
+            return
+        while True:
+            await asyncio.sleep(self.sync_period)
+            present = await asyncio.to_thread(self._canary)
+            if not present:
+                log.warning("the canary chain is gone (rules flushed?); forcing a full resync")
+                self.force_full()
+
+
+# -- the process ---------------------------------------------------------------
+
+
+def _render_options(cfg: ProxyConfig, core: ProxyCore, features: HostFeatures) -> RenderOptions:
+    """The renderer's options from the flags and the Node known at startup."""
+    return render_options(
+        cfg,
+        node_name=core.node_name,
+        node_ips=core.node_ips(),
+        features=features,
+        topology_labels=core.topology_labels(core.node),
+    )
+
+
+def cleanup(cfg: ProxyConfig) -> int:
+    """``kproxy proxy --cleanup``: remove the iptables mode's rules; exit status."""
+    from kproxy.kernel.iptables import Iptables, IptablesError
+
+    backend: Any = cfg.iptables_backend
+    ipt = Iptables("ipv4", backend)
+    try:
+        IptablesMode(ipt, RenderOptions()).cleanup()
+    except IptablesError as e:
+        log.error("cleanup: %s", e)
+        return 1
+    return 0
+
+
+def _split_bind(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"bind address {address!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def _serve(app: web.Application, address: str) -> web.AppRunner | None:
+    if not address:
+        return None
+    host, port = _split_bind(address)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("serving on %s", address)
+    return runner
+
+
+async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
+    """``kproxy proxy``: follow ``--objects`` and program the kernel until cancelled."""
+    if cfg.mode != "iptables":
+        raise ConfigError(f"proxy mode {cfg.mode!r} is not wired yet (iptables only)")
+    if not cfg.objects:
+        raise ConfigError("kproxy proxy needs --objects FILE (no apiserver source yet)")
+    node_name = cfg.node_name()
+    core = ProxyCore(node_name)
+    source = ObjectsFile(cfg.objects, node_name)
+    # Read once before building the options: the Node may supply the node IP.
+    source.refresh(core)
+    metrics = ProxyMetrics()
+    health = ProxyHealth(2 * cfg.sync_period)
+    mode: IptablesMode | DryRunIptablesMode
+    if dry_run:
+        opts = _render_options(cfg, core, detect_host_features(None, cfg))
+        mode = DryRunIptablesMode(out, opts, metrics, sync_period=cfg.sync_period)
+    else:
+        from kproxy.kernel.iptables import Iptables
+
+        backend: Any = cfg.iptables_backend
+        ipt = Iptables("ipv4", backend)
+        opts = _render_options(cfg, core, detect_host_features(ipt, cfg))
+        mode = IptablesMode(ipt, opts, metrics, sync_period=cfg.sync_period)
+    proxier = Proxier(
+        core,
+        mode,
+        health=health,
+        metrics=metrics,
+        sync_period=cfg.sync_period,
+        min_sync_period=cfg.min_sync_period,
+        canary=None if dry_run else mode.canary_present,
+        on_topology=mode.set_topology_labels,
+    )
+    configz: Callable[[], Mapping[str, Any]] = cfg.as_configuration
+    servers: list[web.AppRunner] = []
+    tasks: list[asyncio.Task[None]] = []
+    loop = asyncio.get_running_loop()
+    # SIGTERM ends the proxy like a cancel, but run_proxy then returns normally.
+    stop = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        for app, address in (
+            (health_app(health, metrics), cfg.healthz_bind_address),
+            (metrics_app(metrics, cfg.mode, configz), cfg.metrics_bind_address),
+        ):
+            server = await _serve(app, address)
+            if server is not None:
+                servers.append(server)
+        tasks = [
+            asyncio.create_task(proxier.runner.loop(), name="sync-runner"),
+            asyncio.create_task(source.run(core), name="objects-source"),
+            asyncio.create_task(proxier.canary_loop(), name="canary"),
+        ]
+        stopper = asyncio.create_task(stop.wait(), name="sigterm")
+        try:
+            # A task that raises is a bug: surface it; otherwise wait for SIGTERM.
+            waiting: set[asyncio.Task[Any]] = {*tasks, stopper}
+            while stopper in waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    t.result()
+        finally:
+            stopper.cancel()
+        log.info("SIGTERM: stopping the proxy")
+    finally:
+        proxier.runner.stop()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for server in servers:
+            await server.cleanup()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGTERM)
+        log.info("proxy stopped")
