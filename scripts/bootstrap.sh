@@ -14,7 +14,7 @@ PACKAGES=(
   libnetfilter-queue-dev
   qemu-system-x86 linux-image-amd64
   etcd-server haproxy socat
-  gcc make
+  gcc make busybox-static
 )
 
 python=${PYTHON:-python3}

@@ -35,8 +35,10 @@ from aiohttp import web
 
 from kproxy.errors import KProxyError
 from kproxy.proxy.config import ConfigError, ProxyConfig
+from kproxy.proxy.conntrack import ConntrackReconciler
 from kproxy.proxy.core import ProxyCore, Snapshot
 from kproxy.proxy.health import ProxyHealth, health_app
+from kproxy.proxy.healthcheck import ServiceHealthServer
 from kproxy.proxy.iptables.chains import RenderOptions
 from kproxy.proxy.iptables.mode import DryRunIptablesMode, IptablesMode
 from kproxy.proxy.iptables.options import HostFeatures, detect_host_features, render_options
@@ -81,6 +83,7 @@ class Proxier:
         canary: Callable[[], bool] | None = None,
         on_topology: Callable[[tuple[tuple[str, str], ...]], None] | None = None,
         after_sync: Callable[[Snapshot], object] | None = None,
+        health_checks: ServiceHealthServer | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -93,6 +96,7 @@ class Proxier:
         self._canary = canary
         self._on_topology = on_topology
         self._after_sync = after_sync
+        self.health_checks = health_checks
         self._clock = clock
         self._wall = wall
         self.family = core.family
@@ -128,11 +132,14 @@ class Proxier:
 
     def check_canary(self) -> bool:
         """Poll the mode's canary; a missing one forces a full resync. True if present."""
-        if self._canary is None or self._canary():
-            return True
+        present = self._canary is None or self._canary()
+        if not present:
+            self._canary_lost()
+        return present
+
+    def _canary_lost(self) -> None:
         log.warning("the canary chain is gone (rules flushed?); forcing a full resync")
         self.force_full()
-        return False
 
     # -- syncing ---------------------------------------------------------------
     def prepare(self) -> tuple[Snapshot, bool] | None:
@@ -214,6 +221,10 @@ class Proxier:
         start = time.monotonic()
         result = await asyncio.to_thread(self.mode.sync, snap, full)
         self.finish(snap, full, result, time.monotonic() - start)
+        if self.health_checks is not None:
+            # Upstream syncs the health-check servers after the rules.
+            await self.health_checks.sync_services(self.core.service_map.health_check_node_ports())
+            self.health_checks.sync_endpoints(self.core.endpoints_map.local_ready_endpoints())
         if self._after_sync is not None:
             await asyncio.to_thread(self.run_after_sync, snap)
 
@@ -223,10 +234,8 @@ class Proxier:
             return
         while True:
             await asyncio.sleep(self.sync_period)
-            present = await asyncio.to_thread(self._canary)
-            if not present:
-                log.warning("the canary chain is gone (rules flushed?); forcing a full resync")
-                self.force_full()
+            if not await asyncio.to_thread(self._canary):
+                self._canary_lost()
 
 
 # -- the process ---------------------------------------------------------------
@@ -289,16 +298,21 @@ async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
     metrics = ProxyMetrics()
     health = ProxyHealth(2 * cfg.sync_period)
     mode: IptablesMode | DryRunIptablesMode
+    after_sync: Callable[[Snapshot], object] | None = None
     if dry_run:
         opts = _render_options(cfg, core, detect_host_features(None, cfg))
         mode = DryRunIptablesMode(out, opts, metrics, sync_period=cfg.sync_period)
     else:
+        from kproxy.kernel.conntrack import Conntrack
         from kproxy.kernel.iptables import Iptables
 
         backend: Any = cfg.iptables_backend
         ipt = Iptables("ipv4", backend)
         opts = _render_options(cfg, core, detect_host_features(ipt, cfg))
         mode = IptablesMode(ipt, opts, metrics, sync_period=cfg.sync_period)
+        after_sync = ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync
+    # A dry run applies nothing, so it opens no health-check ports either.
+    health_checks = None if dry_run else ServiceHealthServer(health, opts.nodeport_ips or ())
     proxier = Proxier(
         core,
         mode,
@@ -308,6 +322,8 @@ async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
         min_sync_period=cfg.min_sync_period,
         canary=None if dry_run else mode.canary_present,
         on_topology=mode.set_topology_labels,
+        after_sync=after_sync,
+        health_checks=health_checks,
     )
     configz: Callable[[], Mapping[str, Any]] = cfg.as_configuration
     servers: list[web.AppRunner] = []
@@ -350,6 +366,8 @@ async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
                 await t
         for server in servers:
             await server.cleanup()
+        if health_checks is not None:
+            await health_checks.close()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
         log.info("proxy stopped")

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _exists(root: Path, module: str) -> bool:
     rel = Path(*module.strip("()").split("."))
-    return (root / rel).is_dir() or (root / rel).with_suffix(".py").is_file()
+    return (root / rel / "__init__.py").is_file() or (root / rel).with_suffix(".py").is_file()
 
 
 def _toml_value(value: Any) -> str:
