@@ -2,9 +2,10 @@
 
 Commands:
 - ``kproxy version`` — version and which fast path is in use;
-- ``kproxy render iptables --objects FILE`` — the restore input a full sync
-  would write, without root and without touching the kernel (host features
-  are detected unless ``--host-features`` is given);
+- ``kproxy render iptables|ipvs --objects FILE`` — the restore input a full
+  sync would write (ipvs: virtual/real servers, ipsets and rules), without root
+  and without touching the kernel (host features are detected unless
+  ``--host-features`` is given);
 - ``kproxy proxy`` — the node proxy (``--objects FILE`` or ``--kubeconfig``),
   with ``--dry-run`` to print each sync instead of applying it, and
   ``--cleanup`` to remove everything the mode created.
@@ -36,6 +37,9 @@ RENDER_FLAGS = (
     "--iptables-localhost-nodeports",
     "--nodeport-addresses",
     "--objects",
+    "--ipvs-scheduler",
+    "--ipvs-exclude-cidrs",
+    "--ipvs-strict-arp",
 )
 
 
@@ -59,6 +63,21 @@ def cmd_render(args: argparse.Namespace) -> int:
         from kproxy.kernel.iptables import Iptables
 
         features = detect_host_features(Iptables("ipv4"), cfg)
+    if args.render_mode == "ipvs":
+        from kproxy.proxy.ipvs import render_ipvs
+
+        sys.stdout.write(
+            render_ipvs(
+                cfg,
+                snap.services,
+                snap.endpoints,
+                node_name=name,
+                node_ips=core.node_ips(),
+                topology_labels=core.topology_labels(core.node),
+                random_fully=features.random_fully,
+            )
+        )
+        return 0
     options = render_options(
         cfg,
         node_name=name,
@@ -98,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_version)
 
     p = sub.add_parser("render", help="print the rules a full sync would write")
-    p.add_argument("render_mode", choices=["iptables"])
+    p.add_argument("render_mode", choices=["iptables", "ipvs"])
     add_flags(p, RENDER_FLAGS)
     p.add_argument(
         "--host-features",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import cast
 
 
 async def main(name: str, port: int) -> None:
@@ -19,10 +20,11 @@ async def main(name: str, port: int) -> None:
 
     class Udp(asyncio.DatagramProtocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
+            # asyncio's concrete datagram transport does not subclass
+            # DatagramTransport on every Python, so cast rather than check.
+            self.transport = cast(asyncio.DatagramTransport, transport)
 
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-            assert isinstance(self.transport, asyncio.DatagramTransport)
             self.transport.sendto(f"{name} saw {addr[0]}:{addr[1]}\n".encode(), addr)
 
     server = await asyncio.start_server(handle, "0.0.0.0", port)

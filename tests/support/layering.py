@@ -52,7 +52,8 @@ def effective_config(root: Path) -> str:
             if not contract["source_modules"] or not contract["forbidden_modules"]:
                 continue
         elif kind == "independence":
-            contract["modules"] = [m for m in contract["modules"] if _exists(root, m)]
+            # Parentheses mark optional layers; independence contracts take bare names.
+            contract["modules"] = [m.strip("()") for m in contract["modules"] if _exists(root, m)]
             if len(contract["modules"]) < 2:
                 continue
         lines.append("")
