@@ -4,14 +4,25 @@
 Same API and same results as the twin (the test suite checks them against
 each other).  The chain-name hash runs a C SHA-256 with the GIL released and
 builds the 16 base32 characters without any intermediate Python objects,
-because rendering a large ruleset computes one hash per endpoint.
+because rendering a large ruleset computes one hash per endpoint.  The rule
+builders loop over typed tuples and build each line with one joined f-string
+(no per-line temporaries beyond the line itself), for the same reason: a
+10,000-Service ruleset has ~300,000 per-endpoint lines.
 """
 
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-__all__ = ["RoundRobin", "endpoint_hash", "port_proto_hash"]
+__all__ = [
+    "RoundRobin",
+    "endpoint_chain_names",
+    "endpoint_chain_rules",
+    "endpoint_hash",
+    "port_proto_hash",
+    "probability",
+    "service_to_endpoint_rules",
+]
 
 cdef uint32_t _K[64]
 _K_VALUES = (
@@ -113,6 +124,16 @@ cpdef str endpoint_hash(str service_port_name, str protocol, str endpoint):
     return _hash16((service_port_name + protocol + endpoint).encode("utf-8"))
 
 
+cpdef list endpoint_chain_names(str service_port_name, str protocol, endpoints):
+    """``"KUBE-SEP-" + endpoint_hash(...)`` for each of ``endpoints``, in order."""
+    cdef bytes prefix = (service_port_name + protocol).encode("utf-8")
+    cdef list out = []
+    cdef str ep
+    for ep in endpoints:
+        out.append("KUBE-SEP-" + _hash16(prefix + ep.encode("utf-8")))
+    return out
+
+
 cdef class RoundRobin:
     """Round-robin over an endpoint list (see the twin for the invariants)."""
 
@@ -153,3 +174,84 @@ cdef class RoundRobin:
 
     cpdef str next(self):
         return <str>self._endpoints[self.next_index()]
+
+
+cdef str _MARK_MASQ = "KUBE-MARK-MASQ"
+# Upstream precomputes these strings too; index n holds 1/n.
+cdef list _PROBABILITIES = ["<bad value>"]
+
+
+cpdef str probability(Py_ssize_t n):
+    """Go's ``fmt.Sprintf("%0.10f", 1.0/float64(n))`` for ``n >= 1``, cached."""
+    cdef list values = _PROBABILITIES
+    if n < 1:
+        raise ValueError(f"probability needs n >= 1, got {n}")
+    while len(values) <= n:
+        values.append("%0.10f" % (1.0 / len(values)))
+    return <str>values[n]
+
+
+cpdef list service_to_endpoint_rules(
+    str chain, str name, endpoints, seps, bint affinity, long seconds, bint comments
+):
+    """The rules of a KUBE-SVC/KUBE-SVL ``chain`` that pick one of ``endpoints``."""
+    cdef tuple eps = tuple(endpoints)
+    cdef tuple chains = tuple(seps)
+    cdef Py_ssize_t n = len(eps)
+    cdef Py_ssize_t i
+    cdef str sep, comment = ""
+    cdef list out = []
+    if len(chains) != n:
+        raise ValueError(f"{n} endpoints but {len(chains)} chains")
+    # The first n-1 probabilities, fetched before the loop so that it only builds lines.
+    if n > 1:
+        probability(n)
+    if affinity:
+        for i in range(n):
+            sep = <str>chains[i]
+            if comments:
+                comment = f' -m comment --comment "{name} -> {<str>eps[i]}"'
+            out.append(
+                f"-A {chain}{comment} -m recent --name {sep}"
+                f" --rcheck --seconds {seconds} --reap -j {sep}"
+            )
+    for i in range(n):
+        sep = <str>chains[i]
+        if comments:
+            comment = f' -m comment --comment "{name} -> {<str>eps[i]}"'
+        if i < n - 1:
+            out.append(
+                f"-A {chain}{comment} -m statistic --mode random"
+                f" --probability {<str>_PROBABILITIES[n - i]} -j {sep}"
+            )
+        else:
+            out.append(f"-A {chain}{comment} -j {sep}")
+    return out
+
+
+cpdef tuple endpoint_chain_rules(
+    str name, str match, endpoints, seps, ips, bint affinity, bint comments
+):
+    """The chain lines and rules of the KUBE-SEP chains ``seps`` (see the twin)."""
+    cdef tuple eps = tuple(endpoints)
+    cdef tuple chains_in = tuple(seps)
+    cdef tuple addrs = tuple(ips)
+    cdef Py_ssize_t n = len(chains_in)
+    cdef Py_ssize_t i
+    cdef str sep
+    cdef str comment = f" -m comment --comment {name}" if comments else ""
+    cdef str recent = ""
+    cdef list chains = []
+    cdef list rules = []
+    if len(eps) != n or len(addrs) != n:
+        raise ValueError(f"{n} chains but {len(eps)} endpoints and {len(addrs)} IPs")
+    for i in range(n):
+        sep = <str>chains_in[i]
+        chains.append(f":{sep} - [0:0]")
+        rules.append(f"-A {sep}{comment} -s {<str>addrs[i]} -j {_MARK_MASQ}")
+        if affinity:
+            recent = f" -m recent --name {sep} --set"
+        rules.append(
+            f"-A {sep}{comment}{recent} {match} -j DNAT --to-destination {<str>eps[i]}"
+        )
+    return chains, rules

@@ -10,7 +10,11 @@ Owns:
   the lower-case protocol (plus ``"IP:port"`` for an endpoint), RFC 4648
   base32, first 16 characters (``portProtoHash`` / ``servicePortEndpointChainName``);
 - round-robin endpoint selection with upstream's userspace semantics: the
-  index resets when the endpoint list changes.
+  index resets when the endpoint list changes;
+- the per-endpoint iptables rules of one service port, which are most of a
+  large ruleset: the SVC/SVL → SEP jumps (``-m statistic`` probabilities,
+  ``-m recent`` affinity) and the SEP chains (hairpin masquerade + DNAT),
+  byte for byte as upstream's ``writeServiceToEndpointRules`` and SEP loop.
 """
 
 from __future__ import annotations
@@ -19,7 +23,17 @@ import base64
 import hashlib
 from collections.abc import Sequence
 
-__all__ = ["RoundRobin", "endpoint_hash", "port_proto_hash"]
+__all__ = [
+    "RoundRobin",
+    "endpoint_chain_names",
+    "endpoint_chain_rules",
+    "endpoint_hash",
+    "port_proto_hash",
+    "probability",
+    "service_to_endpoint_rules",
+]
+
+_MARK_MASQ = "KUBE-MARK-MASQ"
 
 
 def _hash16(text: str) -> str:
@@ -39,6 +53,14 @@ def port_proto_hash(service_port_name: str, protocol: str) -> str:
 def endpoint_hash(service_port_name: str, protocol: str, endpoint: str) -> str:
     """Hash of a KUBE-SEP chain; ``endpoint`` is ``"IP:port"`` (``"[v6]:port"``)."""
     return _hash16(service_port_name + protocol + endpoint)
+
+
+def endpoint_chain_names(
+    service_port_name: str, protocol: str, endpoints: Sequence[str]
+) -> list[str]:
+    """``"KUBE-SEP-" + endpoint_hash(...)`` for each of ``endpoints``, in order."""
+    prefix = service_port_name + protocol
+    return ["KUBE-SEP-" + _hash16(prefix + ep) for ep in endpoints]
 
 
 class RoundRobin:
@@ -88,3 +110,88 @@ class RoundRobin:
     def next(self) -> str:
         """The next endpoint; raises LookupError when there is none."""
         return self._endpoints[self.next_index()]
+
+
+# Upstream precomputes these strings too; index n holds 1/n.
+_PROBABILITIES: list[str] = ["<bad value>"]
+
+
+def probability(n: int) -> str:
+    """Go's ``fmt.Sprintf("%0.10f", 1.0/float64(n))`` for ``n >= 1``, cached."""
+    if n < 1:
+        raise ValueError(f"probability needs n >= 1, got {n}")
+    values = _PROBABILITIES
+    while len(values) <= n:
+        values.append("%0.10f" % (1.0 / len(values)))
+    return values[n]
+
+
+def service_to_endpoint_rules(
+    chain: str,
+    name: str,
+    endpoints: Sequence[str],
+    seps: Sequence[str],
+    affinity: bool,
+    seconds: int,
+    comments: bool,
+) -> list[str]:
+    """The rules of a KUBE-SVC/KUBE-SVL ``chain`` that pick one of ``endpoints``.
+
+    ``endpoints[i]`` is ``"IP:port"`` and ``seps[i]`` its KUBE-SEP chain, in
+    upstream's order (sorted by ``"IP:port"``). With ``affinity`` the ``-m recent
+    --rcheck`` rules (one per endpoint, ``--seconds seconds``) come first; then
+    endpoint i of n jumps with probability ``1/(n-i)`` and the last one always.
+    ``comments`` False is upstream's large-cluster mode (no ``-m comment``).
+    """
+    n = len(endpoints)
+    if len(seps) != n:
+        raise ValueError(f"{n} endpoints but {len(seps)} chains")
+    out: list[str] = []
+    if affinity:
+        for i in range(n):
+            sep = seps[i]
+            comment = f' -m comment --comment "{name} -> {endpoints[i]}"' if comments else ""
+            out.append(
+                f"-A {chain}{comment} -m recent --name {sep}"
+                f" --rcheck --seconds {seconds} --reap -j {sep}"
+            )
+    for i in range(n):
+        comment = f' -m comment --comment "{name} -> {endpoints[i]}"' if comments else ""
+        if i < n - 1:
+            out.append(
+                f"-A {chain}{comment} -m statistic --mode random"
+                f" --probability {probability(n - i)} -j {seps[i]}"
+            )
+        else:
+            out.append(f"-A {chain}{comment} -j {seps[i]}")
+    return out
+
+
+def endpoint_chain_rules(
+    name: str,
+    match: str,
+    endpoints: Sequence[str],
+    seps: Sequence[str],
+    ips: Sequence[str],
+    affinity: bool,
+    comments: bool,
+) -> tuple[list[str], list[str]]:
+    """The chain lines and rules of the KUBE-SEP chains ``seps``.
+
+    Per endpoint: a hairpin rule (traffic from the endpoint to itself through
+    the VIP must be masqueraded, ``-s ips[i]``) and the DNAT to ``endpoints[i]``;
+    ``match`` is ``"-m tcp -p tcp"``; ``affinity`` adds ``-m recent --set``.
+    """
+    n = len(seps)
+    if len(endpoints) != n or len(ips) != n:
+        raise ValueError(f"{n} chains but {len(endpoints)} endpoints and {len(ips)} IPs")
+    chains: list[str] = []
+    rules: list[str] = []
+    comment = f" -m comment --comment {name}" if comments else ""
+    for i in range(n):
+        sep = seps[i]
+        chains.append(f":{sep} - [0:0]")
+        rules.append(f"-A {sep}{comment} -s {ips[i]} -j {_MARK_MASQ}")
+        recent = f" -m recent --name {sep} --set" if affinity else ""
+        rules.append(f"-A {sep}{comment}{recent} {match} -j DNAT --to-destination {endpoints[i]}")
+    return chains, rules

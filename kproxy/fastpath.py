@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from kproxy import _fastpath_py
@@ -43,5 +43,24 @@ COMPILED: bool = _impl is not _fastpath_py
 port_proto_hash: Callable[[str, str], str] = _impl.port_proto_hash
 endpoint_hash: Callable[[str, str, str], str] = _impl.endpoint_hash
 RoundRobin: type[_fastpath_py.RoundRobin] = _impl.RoundRobin
+probability: Callable[[int], str] = _impl.probability
+endpoint_chain_names: Callable[[str, str, Sequence[str]], list[str]] = _impl.endpoint_chain_names
+service_to_endpoint_rules: Callable[
+    [str, str, Sequence[str], Sequence[str], bool, int, bool], list[str]
+] = _impl.service_to_endpoint_rules
+endpoint_chain_rules: Callable[
+    [str, str, Sequence[str], Sequence[str], Sequence[str], bool, bool],
+    tuple[list[str], list[str]],
+] = _impl.endpoint_chain_rules
 
-__all__ = ["COMPILED", "IMPLEMENTATION", "RoundRobin", "endpoint_hash", "port_proto_hash"]
+__all__ = [
+    "COMPILED",
+    "IMPLEMENTATION",
+    "RoundRobin",
+    "endpoint_chain_names",
+    "endpoint_chain_rules",
+    "endpoint_hash",
+    "port_proto_hash",
+    "probability",
+    "service_to_endpoint_rules",
+]
