@@ -4,7 +4,7 @@ Owns the wiring of :class:`~kproxy.proxy.core.ProxyCore`, the
 :class:`~kproxy.proxy.runner.BoundedFrequencyRunner`, a
 :class:`~kproxy.proxy.mode.Mode`, :class:`~kproxy.proxy.health.ProxyHealth` and
 :class:`~kproxy.proxy.metrics.ProxyMetrics`, and :func:`run_proxy`, the
-``kproxy proxy`` process (objects-file source, health and metrics servers,
+``kproxy proxy`` process (objects-file or apiserver source, health and metrics servers,
 runner, canary poll).
 
 Invariants:
@@ -24,16 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from aiohttp import web
 
+from kproxy.client.kubeconfig import load_kubeconfig
+from kproxy.client.rest import RestClient
 from kproxy.errors import KProxyError
+from kproxy.proxy.apisource import ApiServerSource
 from kproxy.proxy.config import ConfigError, ProxyConfig
 from kproxy.proxy.conntrack import ConntrackReconciler
 from kproxy.proxy.core import ProxyCore, Snapshot
@@ -45,7 +50,9 @@ from kproxy.proxy.iptables.options import HostFeatures, detect_host_features, re
 from kproxy.proxy.metrics import ProxyMetrics, metrics_app
 from kproxy.proxy.mode import Mode, SyncResult
 from kproxy.proxy.runner import BoundedFrequencyRunner
-from kproxy.proxy.sources import ObjectsFile
+from kproxy.proxy.sources import Handler, ObjectsFile
+from kproxy.proxy.userspace import UserspaceMode, UserspaceOptions
+from kproxy.proxy.userspace import cleanup_rules as cleanup_userspace_rules
 
 __all__ = ["FULL_SYNC_PERIOD", "Proxier", "SyncFailed", "cleanup", "run_proxy"]
 
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # proxyutil.FullSyncPeriod: also the runner's max interval.
 FULL_SYNC_PERIOD: Final = 3600.0
+# How long a starting proxy waits for the Node informer's first list.
+NODE_WAIT_TIMEOUT: Final = 30.0
 
 
 class SyncFailed(KProxyError):
@@ -252,14 +261,88 @@ def _render_options(cfg: ProxyConfig, core: ProxyCore, features: HostFeatures) -
     )
 
 
+@dataclass(slots=True)
+class _BuiltMode:
+    """A mode plus what the loop wires around it."""
+
+    mode: IptablesMode | DryRunIptablesMode | UserspaceMode
+    canary: Callable[[], bool] | None = None
+    after_sync: Callable[[Snapshot], object] | None = None
+    health_checks: ServiceHealthServer | None = None
+    close: Callable[[], None] | None = None
+
+
+def _build_mode(
+    cfg: ProxyConfig,
+    core: ProxyCore,
+    metrics: ProxyMetrics,
+    health: ProxyHealth,
+    *,
+    dry_run: bool,
+    out: TextIO,
+) -> _BuiltMode:
+    """The mode ``--proxy-mode`` asks for, with its canary, post-sync hook and closers."""
+    if dry_run:
+        if cfg.mode != "iptables":
+            raise ConfigError(f"--dry-run is supported for the iptables mode, not {cfg.mode!r}")
+        opts = _render_options(cfg, core, detect_host_features(None, cfg))
+        # A dry run applies nothing, so it opens no health-check ports either.
+        return _BuiltMode(DryRunIptablesMode(out, opts, metrics, sync_period=cfg.sync_period))
+    from kproxy.kernel.iptables import Iptables
+
+    backend: Any = cfg.iptables_backend
+    ipt = Iptables("ipv4", backend)
+    if cfg.mode == "userspace":
+        mode = UserspaceMode(ipt, _userspace_options(cfg, core), metrics)
+        # Client flows are NATed to the proxy's own port, never to endpoints, so
+        # there is no conntrack to reconcile; sockets close, rules stay (upstream).
+        return _BuiltMode(mode, canary=mode.canary_present, close=mode.close)
+    from kproxy.kernel.conntrack import Conntrack
+
+    opts = _render_options(cfg, core, detect_host_features(ipt, cfg))
+    iptables_mode = IptablesMode(ipt, opts, metrics, sync_period=cfg.sync_period)
+    return _BuiltMode(
+        iptables_mode,
+        canary=iptables_mode.canary_present,
+        after_sync=ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync,
+        health_checks=ServiceHealthServer(health, opts.nodeport_ips or ()),
+    )
+
+
+def _userspace_options(cfg: ProxyConfig, core: ProxyCore) -> UserspaceOptions:
+    try:
+        listen = ipaddress.ip_address(cfg.bind_address or "0.0.0.0")
+    except ValueError as exc:
+        raise ConfigError(f"--bind-address: {exc}") from exc
+    if listen.is_loopback:
+        raise ConfigError("the userspace proxy cannot listen on a loopback --bind-address")
+    node_ips = (*cfg.node_ips, *core.node_ips())
+    host_ip = listen if not listen.is_unspecified else None
+    if host_ip is None and node_ips:
+        host_ip = ipaddress.ip_address(node_ips[0])
+    if host_ip is None:
+        raise ConfigError(
+            "the userspace mode needs a node IP (--node-ip, --bind-address or the Node)"
+        )
+    return UserspaceOptions(
+        host_ip=host_ip,
+        listen_ip=listen,
+        node_name=core.node_name,
+        port_range=cfg.proxy_port_range,
+        udp_timeout=cfg.udp_timeout,
+        topology_labels=core.topology_labels(core.node),
+    )
+
+
 def cleanup(cfg: ProxyConfig) -> int:
-    """``kproxy proxy --cleanup``: remove the iptables mode's rules; exit status."""
+    """``kproxy proxy --cleanup``: remove every mode's rules (as upstream); exit status."""
     from kproxy.kernel.iptables import Iptables, IptablesError
 
     backend: Any = cfg.iptables_backend
     ipt = Iptables("ipv4", backend)
     try:
         IptablesMode(ipt, RenderOptions()).cleanup()
+        cleanup_userspace_rules(ipt)
     except IptablesError as e:
         log.error("cleanup: %s", e)
         return 1
@@ -285,34 +368,47 @@ async def _serve(app: web.Application, address: str) -> web.AppRunner | None:
 
 
 async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
-    """``kproxy proxy``: follow ``--objects`` and program the kernel until cancelled."""
-    if cfg.mode != "iptables":
-        raise ConfigError(f"proxy mode {cfg.mode!r} is not wired yet (iptables only)")
-    if not cfg.objects:
-        raise ConfigError("kproxy proxy needs --objects FILE (no apiserver source yet)")
+    """``kproxy proxy``: follow ``--objects`` (or the apiserver of ``--kubeconfig`` /
+    ``--master``) and program the kernel until cancelled."""
+    if cfg.mode == "ipvs":
+        raise ConfigError("proxy mode 'ipvs' is not wired yet (iptables and userspace are)")
+    if not cfg.objects and not cfg.kubeconfig and not cfg.master:
+        raise ConfigError("kproxy proxy needs --objects FILE or --kubeconfig/--master")
     node_name = cfg.node_name()
     core = ProxyCore(node_name)
-    source = ObjectsFile(cfg.objects, node_name)
-    # Read once before building the options: the Node may supply the node IP.
-    source.refresh(core)
+    if cfg.objects:
+        source = ObjectsFile(cfg.objects, node_name)
+        # Read once before building the options: the Node may supply the node IP.
+        source.refresh(core)
+        await _run_source(cfg, core, source, dry_run=dry_run, out=out)
+        return
+    async with RestClient(
+        load_kubeconfig(cfg.kubeconfig or None, master=cfg.master or None)
+    ) as client:
+        api = ApiServerSource(client, node_name, resync_period=cfg.config_sync_period)
+        try:
+            api.start(core)
+            # As the objects file's first read: the Node may supply the node IP. Bounded,
+            # because a proxy without its Node still serves (upstream logs and goes on).
+            if not await api.wait_node(NODE_WAIT_TIMEOUT) or core.node is None:
+                log.warning("Node %r not found (yet); going on without its addresses", node_name)
+            await _run_source(cfg, core, api, dry_run=dry_run, out=out)
+        finally:
+            await api.stop()
+
+
+class _Source(Protocol):
+    async def run(self, handler: Handler) -> None: ...
+
+
+async def _run_source(
+    cfg: ProxyConfig, core: ProxyCore, source: _Source, *, dry_run: bool, out: TextIO
+) -> None:
+    """The proxy process around a started ``source`` (see :func:`run_proxy`)."""
     metrics = ProxyMetrics()
     health = ProxyHealth(2 * cfg.sync_period)
-    mode: IptablesMode | DryRunIptablesMode
-    after_sync: Callable[[Snapshot], object] | None = None
-    if dry_run:
-        opts = _render_options(cfg, core, detect_host_features(None, cfg))
-        mode = DryRunIptablesMode(out, opts, metrics, sync_period=cfg.sync_period)
-    else:
-        from kproxy.kernel.conntrack import Conntrack
-        from kproxy.kernel.iptables import Iptables
-
-        backend: Any = cfg.iptables_backend
-        ipt = Iptables("ipv4", backend)
-        opts = _render_options(cfg, core, detect_host_features(ipt, cfg))
-        mode = IptablesMode(ipt, opts, metrics, sync_period=cfg.sync_period)
-        after_sync = ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync
-    # A dry run applies nothing, so it opens no health-check ports either.
-    health_checks = None if dry_run else ServiceHealthServer(health, opts.nodeport_ips or ())
+    built = _build_mode(cfg, core, metrics, health, dry_run=dry_run, out=out)
+    mode = built.mode
     proxier = Proxier(
         core,
         mode,
@@ -320,10 +416,10 @@ async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
         metrics=metrics,
         sync_period=cfg.sync_period,
         min_sync_period=cfg.min_sync_period,
-        canary=None if dry_run else mode.canary_present,
+        canary=built.canary,
         on_topology=mode.set_topology_labels,
-        after_sync=after_sync,
-        health_checks=health_checks,
+        after_sync=built.after_sync,
+        health_checks=built.health_checks,
     )
     configz: Callable[[], Mapping[str, Any]] = cfg.as_configuration
     servers: list[web.AppRunner] = []
@@ -343,7 +439,7 @@ async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
                 servers.append(server)
         tasks = [
             asyncio.create_task(proxier.runner.loop(), name="sync-runner"),
-            asyncio.create_task(source.run(core), name="objects-source"),
+            asyncio.create_task(source.run(core), name="source"),
             asyncio.create_task(proxier.canary_loop(), name="canary"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="sigterm")
@@ -366,8 +462,10 @@ async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
                 await t
         for server in servers:
             await server.cleanup()
-        if health_checks is not None:
-            await health_checks.close()
+        if built.health_checks is not None:
+            await built.health_checks.close()
+        if built.close is not None:
+            await asyncio.to_thread(built.close)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
         log.info("proxy stopped")

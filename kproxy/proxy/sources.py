@@ -10,7 +10,8 @@ Sources:
   logged and the previous objects stay in force (a typo must not wipe every
   rule); a document that is not a Service, EndpointSlice or Node is logged and
   skipped.
-- the apiserver informers (``--kubeconfig``), once the client lands.
+- the apiserver informers (``--kubeconfig``/``--master``), in
+  :mod:`kproxy.proxy.apisource`.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ __all__ = [
     "Client",
     "Cluster",
     "Http",
+    "UdpFlow",
     "cluster_topology",
     "endpoint_slice",
     "metric",
@@ -80,11 +81,6 @@ METRICS_PORT: Final = 10249
 _REQUEST_SLACK_S: Final = 5.0
 
 
-# scripts/echo_server.py asserts ``isinstance(transport, asyncio.DatagramTransport)``,
-# which the selector datagram transport of this venv's Python 3.11 is not (its bases
-# are Transport and BaseTransport): every datagram then raises inside the server and
-# UDP is never answered.  Until the script is fixed, run it with that name widened,
-# in the pod's process only.
 def pod_ip(i: int) -> str:
     """The address of pod ``i`` (1-based) on the node's pod bridge."""
     return f"10.244.1.{i + 1}"
@@ -294,6 +290,112 @@ class Agent:
         req = {"op": "http", "ip": ip, "port": port, "path": path, "timeout": timeout}
         raw = self.call(req, timeout + _REQUEST_SLACK_S)
         return Http(int(raw["status"]), dict(raw["headers"]), str(raw["body"]))
+
+
+# -- a long-running UDP flow ---------------------------------------------------
+
+FLOW: Final = r"""
+import json, socket, sys, time
+
+ip, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+interval, duration = float(sys.argv[4]), float(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", sport))
+s.connect((ip, port))
+deadline = time.monotonic() + duration
+seq = 0
+while time.monotonic() < deadline:
+    seq += 1
+    start = time.monotonic()
+    s.settimeout(interval)
+    try:
+        s.send(b"%d" % seq)
+        out = ["ok", s.recv(200).decode(errors="replace").strip(), start]
+    except ConnectionRefusedError:
+        out = ["refused", "", start]
+    except TimeoutError:
+        out = ["timeout", "", start]
+    except OSError as e:
+        out = ["error", repr(e), start]
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+    time.sleep(max(0.0, interval - (time.monotonic() - start)))
+"""
+
+
+class UdpFlow:
+    """One UDP 5-tuple kept alive: a datagram every ``interval`` from a fixed source port.
+
+    Every datagram waits at most ``interval`` for its answer, so the flow never pauses
+    long enough for its conntrack entry to expire (30 s for unreplied UDP); the
+    process ends by itself after ``duration`` seconds, and :meth:`stop` kills it
+    earlier. Answers are read as they come; each is an :class:`Answer` whose
+    ``elapsed`` is the send time (the flow's monotonic clock).
+    """
+
+    def __init__(
+        self,
+        ns: Netns,
+        ip: str,
+        port: int,
+        sport: int,
+        *,
+        interval: float = 0.1,
+        duration: float = 60.0,
+    ) -> None:
+        self.ns = ns
+        self.sport = sport
+        self.interval = interval
+        self.answers: list[Answer] = []
+        self.proc = ns.popen(
+            [sys.executable, "-c", FLOW, ip, str(port), str(sport), str(interval), str(duration)],
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _read(self, budget: float) -> Answer | None:
+        """The next answer within ``budget`` seconds (None on timeout or when the flow ended)."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], max(0.0, budget))
+        if not ready:
+            return None
+        line = stdout.readline()
+        if not line:
+            return None
+        answer = Answer.parse(json.loads(line))
+        self.answers.append(answer)
+        return answer
+
+    def wait_for(
+        self, what: str, cond: Callable[[Answer], bool], timeout: float, *, in_a_row: int = 1
+    ) -> list[Answer]:
+        """Read answers until ``in_a_row`` consecutive ones satisfy ``cond``; the ones read.
+
+        Raises AssertionError after ``timeout`` seconds, with the last answers seen.
+        """
+        deadline = time.monotonic() + timeout
+        read: list[Answer] = []
+        streak = 0
+        while streak < in_a_row:
+            answer = self._read(deadline - time.monotonic())
+            if answer is None:
+                tail = [f"{a.outcome}:{a.pod}" for a in read[-10:]]
+                alive = self.proc.poll() is None
+                raise AssertionError(
+                    f"timed out after {timeout:.1f}s waiting for {what} "
+                    f"(flow from port {self.sport} alive={alive}; last answers {tail})"
+                )
+            read.append(answer)
+            streak = streak + 1 if cond(answer) else 0
+        return read
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @dataclass
@@ -538,6 +640,17 @@ class Cluster:
     def get(self, client: int, port: int, path: str) -> Http:
         """HTTP GET ``NODE_IP:port/path`` from client ``client``."""
         return self.clients[client].agent.get(NODE_IP, port, path)
+
+    def udp_flow(
+        self, client: int, ip: str, port: int, sport: int, *, duration: float = 60.0
+    ) -> UdpFlow:
+        """Start a :class:`UdpFlow` from client ``client`` (the caller stops it)."""
+        return UdpFlow(self.clients[client].ns, ip, port, sport, duration=duration)
+
+    def conntrack_udp(self, vip: str) -> str:
+        """``conntrack -L -p udp --orig-dst VIP`` in the node namespace (for diagnostics)."""
+        res = self.node.run(["conntrack", "-L", "-p", "udp", "--orig-dst", vip], check=False)
+        return res.stdout
 
     def close_logs(self) -> None:
         for out in self._logs:
