@@ -6,6 +6,8 @@ Commands:
   sync would write (ipvs: virtual/real servers, ipsets and rules), without root
   and without touching the kernel (host features are detected unless
   ``--host-features`` is given);
+- ``kproxy apiserver`` — the apiserver (SQLite by default, or etcd), see
+  :mod:`kproxy.apiserver.command`;
 - ``kproxy proxy`` — the node proxy (``--objects FILE`` or ``--kubeconfig``),
   with ``--dry-run`` to print each sync instead of applying it, and
   ``--cleanup`` to remove everything the mode created.
@@ -21,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from kproxy import __version__, fastpath
+from kproxy.apiserver import command as apiserver_command
 from kproxy.errors import KProxyError
 from kproxy.proxy.config import add_flags, from_args
 from kproxy.proxy.iptables.options import HostFeatures, detect_host_features, render_options
@@ -126,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         "('' = none); detected on this host when omitted",
     )
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("apiserver", help="run the Kubernetes-compatible apiserver")
+    apiserver_command.add_flags(p)
+    p.set_defaults(func=apiserver_command.run)
 
     p = sub.add_parser("proxy", help="run the node proxy")
     add_flags(p)

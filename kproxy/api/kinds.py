@@ -75,7 +75,18 @@ def _status(kind: str) -> Subresource:
 _SCALE = Subresource("scale", "Scale", STATUS_VERBS, group="autoscaling", version="v1")
 
 KINDS: tuple[Kind, ...] = (
-    Kind("", "v1", "namespaces", "namespace", "Namespace", False, ("ns",), NAMESPACE_VERBS),
+    Kind(
+        "",
+        "v1",
+        "namespaces",
+        "namespace",
+        "Namespace",
+        False,
+        ("ns",),
+        NAMESPACE_VERBS,
+        # finalize: what the namespace controller calls once the namespace is empty.
+        subresources=(_status("Namespace"), Subresource("finalize", "Namespace", ("update",))),
+    ),
     Kind(
         "",
         "v1",

@@ -256,7 +256,9 @@ def validate_pod_spec(spec: Any, path: str = "spec") -> Errs:
             p = f"{path}.{key}[{i}]"
             errs.extend(_validate_container(c, p, volumes, init=init))
             name = fc.as_map(c).get("name")
-            if name:
+            # A non-string name is reported by _validate_container; only strings
+            # can collide (and only they are hashable).
+            if isinstance(name, str) and name:
                 if name in names:
                     errs.append(FieldError.duplicate(f"{p}.name", name))
                 names.add(name)
