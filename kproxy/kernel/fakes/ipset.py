@@ -1,0 +1,143 @@
+"""A stateful in-memory stand-in for :class:`kproxy.kernel.ipset.Ipset`.
+
+It owns a table of sets (type, family, canonical members) and answers the same
+verbs with the same results and :class:`~kproxy.kernel.ipset.IpsetError` codes as
+the kernel, held to it by ``tests/kernel/test_ipset_contract.py``:
+
+* create of an existing name: fine with the same type and family, ``EEXIST`` otherwise;
+* any verb on a missing set: ``ENOENT``;
+* a malformed entry or one of the other family: ``EINVAL`` (checked before sending);
+* delete of an entry that is not there: ``ERR_EXIST``;
+* more than ``maxelem`` members: ``IPSET_ERR_HASH_FULL`` is not modelled (kproxy
+  never gets near 65536 per set in tests).
+
+It also counts the requests a real handle would send (``requests``), so callers
+can assert that a sync sends only the difference.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from kproxy.kernel.ipset import (
+    ERR_EXIST,
+    SET_TYPES,
+    Family,
+    IpsetError,
+    SetInfo,
+    SetType,
+    canonical_entries,
+    canonical_entry,
+)
+
+__all__ = ["FakeIpset", "FakeIpsetState"]
+
+
+@dataclass
+class FakeIpsetState:
+    """The "kernel": sets by name.  Several handles may share one state."""
+
+    info: dict[str, SetInfo] = field(default_factory=dict)
+    members: dict[str, set[str]] = field(default_factory=dict)
+
+
+class FakeIpset:
+    """Same API as :class:`kproxy.kernel.ipset.Ipset`, backed by a :class:`FakeIpsetState`."""
+
+    def __init__(self, state: FakeIpsetState | None = None) -> None:
+        self.state = state if state is not None else FakeIpsetState()
+        self.requests = 0  # netlink requests a real handle would have sent
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _request(self, verb: str, name: str | None, entry: str | None = None) -> None:
+        if self._closed:
+            raise IpsetError(verb, name, entry, errno.EBADF, "handle is closed")
+        self.requests += 1
+
+    def _info(self, verb: str, name: str, entry: str | None = None) -> SetInfo:
+        info = self.state.info.get(name)
+        if info is None:
+            raise IpsetError(verb, name, entry, errno.ENOENT)
+        return info
+
+    def create(self, name: str, set_type: SetType, family: Family = "ipv4") -> None:
+        if set_type not in SET_TYPES:
+            raise IpsetError("create", name, None, errno.EINVAL, f"unsupported type {set_type}")
+        self._request("create", name)
+        info = SetInfo(set_type, None if set_type == "bitmap:port" else family)
+        existing = self.state.info.get(name)
+        if existing is not None:
+            if existing != info:
+                raise IpsetError("create", name, None, errno.EEXIST)
+            return
+        self.state.info[name] = info
+        self.state.members[name] = set()
+
+    def destroy(self, name: str) -> None:
+        self._request("destroy", name)
+        self._info("destroy", name)
+        del self.state.info[name]
+        del self.state.members[name]
+
+    def list_sets(self) -> dict[str, SetInfo]:
+        self._request("list-sets", None)
+        return dict(self.state.info)
+
+    def list_entries(self, name: str) -> set[str]:
+        self._request("list", name)
+        self._info("list", name)
+        return set(self.state.members[name])
+
+    def _canonical(self, verb: str, name: str, entry: str) -> str:
+        info = self._info(verb, name, entry)
+        try:
+            return canonical_entry(info.type, entry, info.family)
+        except ValueError as e:
+            raise IpsetError(verb, name, entry, errno.EINVAL, str(e)) from e
+
+    def add_entry(self, name: str, entry: str) -> None:
+        if self._closed:
+            raise IpsetError("add", name, entry, errno.EBADF, "handle is closed")
+        text = self._canonical("add", name, entry)
+        self._request("add", name, text)
+        self.state.members[name].add(text)
+
+    def delete_entry(self, name: str, entry: str) -> None:
+        if self._closed:
+            raise IpsetError("delete", name, entry, errno.EBADF, "handle is closed")
+        text = self._canonical("delete", name, entry)
+        self._request("delete", name, text)
+        if text not in self.state.members[name]:
+            raise IpsetError("delete", name, text, ERR_EXIST)
+        self.state.members[name].discard(text)
+
+    def sync_entries(self, name: str, desired: Iterable[str]) -> tuple[set[str], set[str]]:
+        if self._closed:
+            raise IpsetError("sync", name, None, errno.EBADF, "handle is closed")
+        info = self._info("sync", name)
+        want = canonical_entries("sync", name, info, desired)
+        have = self.list_entries(name)
+        added, removed = want - have, have - want
+        for entry in sorted(removed):
+            self.delete_entry(name, entry)
+        for entry in sorted(added):
+            self.add_entry(name, entry)
+        return added, removed
