@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.clients.server_thread import ThreadedApiServer
-from tests.support.tiers import require_commands
+from tests.support.tiers import optional_command
 
 pytestmark = pytest.mark.clients
 
@@ -68,7 +68,7 @@ Kubectl = Callable[..., str]
 
 @pytest.fixture(scope="module")
 def kubectl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubectl]:
-    require_commands("kubectl")
+    optional_command("kubectl")
     base = tmp_path_factory.mktemp("kubectl")
     server = ThreadedApiServer(base / "data").start()
     cache = base / "cache"

@@ -29,7 +29,7 @@ from kproxy.apiserver.authn import (
 from kproxy.client.errors import Unauthorized
 from kproxy.client.kubeconfig import load_kubeconfig
 from kproxy.client.rest import PODS, RestClient
-from tests.support.tiers import require_commands
+from tests.support.tiers import optional_command
 
 
 def _run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
@@ -265,7 +265,7 @@ def test_foreign_and_expired_certificates_rejected(pki: certs.Pki, tmp_path: Pat
 @pytest.mark.clients
 def test_kubectl_accepts_the_generated_pki(pki: certs.Pki, tmp_path: Path) -> None:
     """Go's crypto/x509 is stricter than OpenSSL: kubectl must trust our certs too."""
-    require_commands("kubectl")
+    optional_command("kubectl")
     node = certs.ensure_node_credentials(pki, "n1")
 
     async def kubectl(kubeconfig: Path, port: int) -> dict[str, Any]:
