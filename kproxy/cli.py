@@ -8,6 +8,7 @@ Commands:
   ``--host-features`` is given);
 - ``kproxy apiserver`` — the apiserver (SQLite by default, or etcd), see
   :mod:`kproxy.apiserver.command`;
+- ``kproxy kubelet`` — the node agent (pods as processes in their own netns);
 - ``kproxy proxy`` — the node proxy (``--objects FILE`` or ``--kubeconfig``),
   with ``--dry-run`` to print each sync instead of applying it, and
   ``--cleanup`` to remove everything the mode created.
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from kproxy import __version__, fastpath
 from kproxy.apiserver import command as apiserver_command
 from kproxy.errors import KProxyError
+from kproxy.kubelet import command as kubelet_command
 from kproxy.proxy.config import add_flags, from_args
 from kproxy.proxy.iptables.options import HostFeatures, detect_host_features, render_options
 
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apiserver", help="run the Kubernetes-compatible apiserver")
     apiserver_command.add_flags(p)
     p.set_defaults(func=apiserver_command.run)
+
+    p = sub.add_parser("kubelet", help="run the node agent: pods as processes in netns")
+    kubelet_command.add_flags(p)
+    p.set_defaults(func=lambda a: asyncio.run(kubelet_command.run(a)))
 
     p = sub.add_parser("proxy", help="run the node proxy")
     add_flags(p)
