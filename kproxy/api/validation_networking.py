@@ -50,15 +50,17 @@ def _validate_service_ports(
             errs.append(FieldError.required(f"{p}.name"))
         elif name:
             errs.extend(fc.dns_label(name, f"{p}.name"))
-            if name in names:
+            if isinstance(name, str) and name in names:  # a non-string was reported above
                 errs.append(FieldError.duplicate(f"{p}.name", name))
             names.add(str(name))
         errs.extend(fc.port_number(port.get("port"), f"{p}.port"))
         errs.extend(fc.protocol(port.get("protocol"), f"{p}.protocol"))
         key = (port.get("port"), port.get("protocol"))
-        if key in keys:
-            errs.append(FieldError.duplicate(p, {"port": key[0], "protocol": key[1]}))
-        keys.add(key)
+        # An object or list here was reported above; it cannot be a set member.
+        if all(isinstance(v, str | int | None) for v in key):
+            if key in keys:
+                errs.append(FieldError.duplicate(p, {"port": key[0], "protocol": key[1]}))
+            keys.add(key)
         if svc_type != "ExternalName" or port.get("targetPort") is not None:
             errs.extend(fc.port_num_or_name(port.get("targetPort"), f"{p}.targetPort"))
         if port.get("appProtocol") is not None:

@@ -14,6 +14,7 @@ as :class:`ApiError`; handlers never hold state of their own (it is all in the
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -123,6 +124,12 @@ def _media(request: web.Request) -> str:
     return request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
 
 
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, datetime.date):  # datetime.datetime is a date too
+        return value.isoformat()
+    raise TypeError(f"a YAML {type(value).__name__} has no JSON form")
+
+
 async def read_body(request: web.Request, *, allow_yaml: bool = False) -> Any:
     raw = await request.read()
     media = _media(request)
@@ -132,8 +139,11 @@ async def read_body(request: web.Request, *, allow_yaml: bool = False) -> Any:
         allow_yaml and media not in JSON_TYPES
     ):
         try:
-            return yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
+            # As upstream (sigs.k8s.io/yaml), YAML becomes JSON first: only JSON's types
+            # survive. Dates become their text; binary, self-referencing anchors and
+            # nesting deeper than the recursion limit are refused, never a 500.
+            return json.loads(json.dumps(yaml.safe_load(raw), default=_yaml_scalar))
+        except (yaml.YAMLError, TypeError, ValueError, RecursionError) as exc:
             raise ApiError.bad_request(f"error decoding YAML: {exc}") from None
     if media not in (*JSON_TYPES, *patches.PATCH_TYPES):
         raise ApiError(
@@ -144,7 +154,8 @@ async def read_body(request: web.Request, *, allow_yaml: bool = False) -> Any:
         )
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    # RecursionError: nesting deeper than the interpreter's limit is bad input too.
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError.bad_request(f"couldn't decode the request body: {exc}") from None
 
 

@@ -39,6 +39,7 @@ Obj = dict[str, Any]
 Mutate = Callable[[Obj], Awaitable[Obj]]
 
 MAX_RETRIES = 16
+IMMORTAL_NAMESPACES = frozenset({"default", "kube-system", "kube-public"})
 
 
 def registry_prefix(kind: Kind, namespace: str | None = None) -> str:
@@ -352,6 +353,9 @@ class Registry:
         dry_run: bool = False,
     ) -> tuple[Obj, bool]:
         """DELETE; returns (last state, removed now). Not removed: pending grace/finalizers."""
+        if kind.kind == "Namespace" and name in IMMORTAL_NAMESPACES:
+            # Upstream's NamespaceLifecycle admission: the system namespaces stay.
+            raise ApiError.forbidden(kind.resource, name, "this namespace may not be deleted")
 
         async def mutate(current: Obj) -> Obj:
             return self._deleting(kind, current, options)

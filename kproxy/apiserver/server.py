@@ -3,7 +3,8 @@
 Owns :class:`ServerConfig` and :class:`ApiServer`: binding the secure port (TLS; client
 certificates optional and verified against the client CA) and, only when asked, a
 plain-HTTP port for tests and demos whose requests act as ``system:masters`` (as
-upstream's old insecure port did); the middleware that authenticates, maps every
+upstream's old insecure port did), and on request a Unix socket for in-process clients
+(:meth:`ApiServer.local_socket`, the same identity); the middleware that authenticates, maps every
 failure to a ``Status`` body (an unexpected exception is logged and answered 500 —
 that is a bug, never a verdict on the input); first-start bootstrap (the namespaces
 ``default``, ``kube-system``, ``kube-public``, ``kube-node-lease`` and allocator
@@ -21,8 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import socket
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +99,7 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._compactor: asyncio.Task[None] | None = None
+        self._local_socket: Path | None = None
 
     # ------------------------------------------------------------------ urls
 
@@ -153,6 +157,30 @@ class ApiServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._local_socket is not None:
+            shutil.rmtree(self._local_socket.parent, ignore_errors=True)
+            self._local_socket = None
+
+    async def local_socket(self) -> Path:
+        """A Unix socket serving this apiserver to in-process clients
+        (:class:`kproxy.client.inprocess.InProcessClient`); made on first use.
+
+        Same app, middleware and handlers as the TCP ports, so validation, defaulting,
+        admission and watch all apply. Its requests are plain HTTP and act as the insecure
+        port's admin (upstream's loopback client is ``system:masters`` too); the guard is
+        the private 0700 directory it lives in, removed again by :meth:`stop`.
+        """
+        if self._runner is None:
+            raise RuntimeError("the apiserver is not running")
+        if self._local_socket is None:
+            path = Path(tempfile.mkdtemp(prefix="kproxy-apiserver-")) / "api.sock"
+            try:
+                await web.UnixSite(self._runner, str(path)).start()
+            except BaseException:
+                shutil.rmtree(path.parent, ignore_errors=True)
+                raise
+            self._local_socket = path
+        return self._local_socket
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         for task in list(self._tasks):

@@ -6,7 +6,9 @@ from namespaces of a :class:`~tests.support.netns.NetnsFactory`:
 - a node namespace with a pod bridge ``cbr0`` (``10.244.1.1/24``) and an uplink
   bridge ``up0`` (``NODE_IP``/24); the real ``kproxy proxy --objects FILE``
   runs here (``ip netns exec NODE .venv/bin/kproxy proxy ...``), health and
-  metrics servers bound on ``NODE_IP``;
+  metrics servers bound on ``NODE_IP``; or, with ``kubeconfig=``, ``kproxy proxy
+  --kubeconfig FILE`` following an apiserver the test runs (``start_proxy=False``
+  lets it start that apiserver in the node namespace first);
 - N pod namespaces on ``cbr0`` running ``scripts/echo_server.py`` (TCP and UDP
   on ``ECHO_PORT``, answering ``"<pod> saw <ip>:<port>"``);
 - one or two client namespaces on ``up0``, routed to the node for the Service
@@ -433,6 +435,7 @@ class Cluster:
     proxy: subprocess.Popen[str] | None = None
     objects_path: Path = field(init=False)
     log_path: Path = field(init=False)
+    kubeconfig: Path | None = None  # set: the proxy follows an apiserver, not the file
     _objects: list[dict[str, Any]] | None = None
     _changed_at: float | None = None
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -495,7 +498,11 @@ class Cluster:
     # -- the proxy ---------------------------------------------------------
     def start_proxy(self, *extra: str, sync_period: str = "1s") -> None:
         assert self.proxy is None, "the proxy is already running"
-        assert self._objects is not None, "set_objects() before start_proxy()"
+        if self.kubeconfig is not None:
+            source = ["--kubeconfig", str(self.kubeconfig)]
+        else:
+            assert self._objects is not None, "set_objects() before start_proxy()"
+            source = ["--objects", str(self.objects_path)]
         self._changed_at = time.time()
         log = self._log("proxy.log")
         self.proxy = self.node.popen(
@@ -505,8 +512,7 @@ class Cluster:
                 "proxy",
                 "--proxy-mode",
                 "iptables",
-                "--objects",
-                str(self.objects_path),
+                *source,
                 "--hostname-override",
                 NODE_NAME,
                 "--cluster-cidr",
@@ -567,6 +573,11 @@ class Cluster:
         os.replace(tmp, self.objects_path)
         self._objects = new
         return True
+
+    def expect_change(self) -> None:
+        """Note that the objects are about to change elsewhere (through an apiserver),
+        so that :meth:`wait_synced` waits for a sync that includes the change."""
+        self._changed_at = time.time()
 
     def metrics(self) -> str:
         """``/metrics`` from the first client (the server is bound on the node IP)."""
@@ -668,18 +679,26 @@ def cluster_topology(
     n_clients: int = 2,
     sync_period: str = "1s",
     extra_flags: Sequence[str] = (),
+    kubeconfig: Path | None = None,
+    start_proxy: bool = True,
 ) -> Iterator[Cluster]:
     """Build the topology, start ``kproxy proxy`` on ``objects``, wait for its first
-    sync; on exit stop the proxy and delete every namespace."""
+    sync; on exit stop the proxy and delete every namespace.
+
+    With ``kubeconfig`` the proxy follows that apiserver instead (``objects`` unused);
+    with ``start_proxy=False`` the caller calls :meth:`Cluster.start_proxy` itself,
+    e.g. once the apiserver it starts in the node namespace is up."""
     require_root()
     require_commands("ip", "sysctl", f"iptables-{backend}", f"iptables-{backend}-save")
     require(KPROXY.exists(), f"no kproxy entry point next to {sys.executable}")
     with NetnsFactory() as factory:
-        cluster = Cluster(factory, workdir, backend)
+        cluster = Cluster(factory, workdir, backend, kubeconfig=kubeconfig)
         try:
             cluster.build(n_pods, n_clients)
-            cluster.set_objects(objects)
-            cluster.start_proxy(*extra_flags, sync_period=sync_period)
+            if kubeconfig is None:
+                cluster.set_objects(objects)
+            if start_proxy:
+                cluster.start_proxy(*extra_flags, sync_period=sync_period)
             yield cluster
         finally:
             try:
