@@ -8,6 +8,8 @@ Commands:
   ``--host-features`` is given);
 - ``kproxy apiserver`` — the apiserver (SQLite by default, or etcd), see
   :mod:`kproxy.apiserver.command`;
+- ``kproxy controller-manager`` and ``kproxy scheduler`` — see
+  :mod:`kproxy.controlplane_commands`;
 - ``kproxy kubelet`` — the node agent (pods as processes in their own netns);
 - ``kproxy proxy`` — the node proxy (``--objects FILE`` or ``--kubeconfig``),
   with ``--dry-run`` to print each sync instead of applying it, and
@@ -23,7 +25,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kproxy import __version__, fastpath
+from kproxy import __version__, controlplane_commands, fastpath
 from kproxy.apiserver import command as apiserver_command
 from kproxy.errors import KProxyError
 from kproxy.kubelet import command as kubelet_command
@@ -135,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apiserver", help="run the Kubernetes-compatible apiserver")
     apiserver_command.add_flags(p)
     p.set_defaults(func=apiserver_command.run)
+
+    p = sub.add_parser("controller-manager", help="run the controllers")
+    controlplane_commands.add_controller_manager_flags(p)
+    p.set_defaults(func=controlplane_commands.run_controller_manager_command)
+
+    p = sub.add_parser("scheduler", help="run the scheduler")
+    controlplane_commands.add_scheduler_flags(p)
+    p.set_defaults(func=controlplane_commands.run_scheduler_command)
 
     p = sub.add_parser("kubelet", help="run the node agent: pods as processes in netns")
     kubelet_command.add_flags(p)
