@@ -255,3 +255,33 @@ cpdef tuple endpoint_chain_rules(
             f"-A {sep}{comment}{recent} {match} -j DNAT --to-destination {<str>eps[i]}"
         )
     return chains, rules
+
+
+# Userspace-mode fast path, split by what it owns (each twin is a module of its
+# own, re-exported by _fastpath_py).
+include "_fastpath_parse.pxi"
+include "_fastpath_select.pxi"
+
+__all__ += [
+    "FLOW_SEED",
+    "MAGLEV_OFFSET_SEED",
+    "MAGLEV_SKIP_SEED",
+    "MAX_EXTENSION_HEADERS",
+    "PARSED_SIZE",
+    "PARSE_FRAGMENT",
+    "PARSE_MALFORMED",
+    "PARSE_OK",
+    "PARSE_TRUNCATED",
+    "PARSE_UNSUPPORTED",
+    "ClientIPAffinity",
+    "Maglev",
+    "client_key",
+    "flow_hash",
+    "hash64",
+    "parse_into",
+    "parse_packet",
+]
+
+include "_fastpath_relay.pxi"
+
+__all__ += ["RELAY_COPY_BUFFER", "RelayLoop"]

@@ -195,3 +195,52 @@ def endpoint_chain_rules(
         recent = f" -m recent --name {sep} --set" if affinity else ""
         rules.append(f"-A {sep}{comment}{recent} {match} -j DNAT --to-destination {endpoints[i]}")
     return chains, rules
+
+
+# The userspace-mode fast path lives in modules of its own (one per .pxi of the
+# compiled build); re-exported here so that the twin has the compiled module's API.
+from kproxy._fastpath_parse_py import (  # noqa: E402
+    MAX_EXTENSION_HEADERS,
+    PARSE_FRAGMENT,
+    PARSE_MALFORMED,
+    PARSE_OK,
+    PARSE_TRUNCATED,
+    PARSE_UNSUPPORTED,
+    PARSED_SIZE,
+    parse_into,
+    parse_packet,
+)
+from kproxy._fastpath_select_py import (  # noqa: E402
+    FLOW_SEED,
+    MAGLEV_OFFSET_SEED,
+    MAGLEV_SKIP_SEED,
+    ClientIPAffinity,
+    Maglev,
+    client_key,
+    flow_hash,
+    hash64,
+)
+
+__all__ += [
+    "FLOW_SEED",
+    "MAGLEV_OFFSET_SEED",
+    "MAGLEV_SKIP_SEED",
+    "MAX_EXTENSION_HEADERS",
+    "PARSED_SIZE",
+    "PARSE_FRAGMENT",
+    "PARSE_MALFORMED",
+    "PARSE_OK",
+    "PARSE_TRUNCATED",
+    "PARSE_UNSUPPORTED",
+    "ClientIPAffinity",
+    "Maglev",
+    "client_key",
+    "flow_hash",
+    "hash64",
+    "parse_into",
+    "parse_packet",
+]
+
+from kproxy._fastpath_relay_py import RELAY_COPY_BUFFER, RelayLoop  # noqa: E402
+
+__all__ += ["RELAY_COPY_BUFFER", "RelayLoop"]

@@ -53,13 +53,57 @@ endpoint_chain_rules: Callable[
     tuple[list[str], list[str]],
 ] = _impl.endpoint_chain_rules
 
+# Userspace-mode fast path: selection, packet parsing, the relay loop.
+hash64: Callable[..., int] = _impl.hash64
+flow_hash: Callable[[int, bytes | str, int, bytes | str, int], int] = _impl.flow_hash
+client_key: Callable[[bytes | str], bytes] = _impl.client_key
+Maglev: type[_fastpath_py.Maglev] = _impl.Maglev
+ClientIPAffinity: type[_fastpath_py.ClientIPAffinity] = _impl.ClientIPAffinity
+parse_packet: Callable[
+    [bytes | bytearray | memoryview], tuple[int, int, int, bytes, int, bytes, int]
+] = _impl.parse_packet
+parse_into: Callable[[bytes | bytearray | memoryview, bytearray | memoryview], int] = (
+    _impl.parse_into
+)
+RelayLoop: type[_fastpath_py.RelayLoop] = _impl.RelayLoop
+PARSE_OK: int = _impl.PARSE_OK
+PARSE_TRUNCATED: int = _impl.PARSE_TRUNCATED
+PARSE_FRAGMENT: int = _impl.PARSE_FRAGMENT
+PARSE_UNSUPPORTED: int = _impl.PARSE_UNSUPPORTED
+PARSE_MALFORMED: int = _impl.PARSE_MALFORMED
+PARSED_SIZE: int = _impl.PARSED_SIZE
+FLOW_SEED: int = _impl.FLOW_SEED
+MAGLEV_OFFSET_SEED: int = _impl.MAGLEV_OFFSET_SEED
+MAGLEV_SKIP_SEED: int = _impl.MAGLEV_SKIP_SEED
+MAX_EXTENSION_HEADERS: int = _impl.MAX_EXTENSION_HEADERS
+RELAY_COPY_BUFFER: int = _impl.RELAY_COPY_BUFFER
+
 __all__ = [
     "COMPILED",
+    "FLOW_SEED",
     "IMPLEMENTATION",
+    "MAGLEV_OFFSET_SEED",
+    "MAGLEV_SKIP_SEED",
+    "MAX_EXTENSION_HEADERS",
+    "PARSED_SIZE",
+    "PARSE_FRAGMENT",
+    "PARSE_MALFORMED",
+    "PARSE_OK",
+    "PARSE_TRUNCATED",
+    "PARSE_UNSUPPORTED",
+    "RELAY_COPY_BUFFER",
+    "ClientIPAffinity",
+    "Maglev",
+    "RelayLoop",
     "RoundRobin",
+    "client_key",
     "endpoint_chain_names",
     "endpoint_chain_rules",
     "endpoint_hash",
+    "flow_hash",
+    "hash64",
+    "parse_into",
+    "parse_packet",
     "port_proto_hash",
     "probability",
     "service_to_endpoint_rules",
