@@ -39,14 +39,14 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
-from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self, get_args
+from typing import Any, Final, Literal, Protocol, get_args
 
 from pyroute2 import IPSet
 from pyroute2.ipset import PortEntry
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
+from kproxy.kernel.handle import SocketHandle
 
 __all__ = [
     "ERR_EXIST",
@@ -244,7 +244,7 @@ def _entry_from_data(set_type: SetType, data: Any) -> str:
 # --- the handle -----------------------------------------------------------------------
 
 
-class Ipset:
+class Ipset(SocketHandle):
     """One ipset netlink socket and the verbs over it (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -257,22 +257,6 @@ class Ipset:
             raise IpsetError("open", None, None, e.code, "no ip_set netlink subsystem?") from e
         except OSError as e:
             raise IpsetError("open", None, None, e.errno or 0, str(e)) from e
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(
         self, verb: str, name: str | None, entry: str | None, fn: Any, *a: Any, **kw: Any

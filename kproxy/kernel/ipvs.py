@@ -35,13 +35,13 @@ import errno as errno_mod
 import sys
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from pyroute2 import IPVS, IPVSDest, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
+from kproxy.kernel.handle import SocketHandle
 
 __all__ = [
     "ForwardingMethod",
@@ -284,7 +284,7 @@ def _dest_from_msg(msg: Any) -> RealServer:
 # --- the handle -----------------------------------------------------------------------
 
 
-class Ipvs:
+class Ipvs(SocketHandle):
     """One IPVS generic-netlink socket and the verbs over it.
 
     Not thread-safe; use one instance per thread.  Must not be used from inside a
@@ -300,22 +300,6 @@ class Ipvs:
             raise IpvsError("open", None, None, e.code, "no IPVS netlink family?") from e
         except OSError as e:
             raise IpvsError("open", None, None, e.errno or 0, str(e)) from e
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(
         self,

@@ -48,10 +48,10 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from types import TracebackType
-from typing import Final, Protocol, Self
+from typing import Final, Protocol
 
 from kproxy.errors import KProxyError
+from kproxy.kernel.handle import SocketHandle
 from kproxy.kernel.ipvs import (
     ForwardingMethod,
     IPProtocol,
@@ -399,7 +399,7 @@ def _resolve_family() -> int:
         genl.close()
 
 
-class IpvsBatch:
+class IpvsBatch(SocketHandle):
     """One IPVS netlink socket for the proxy's life: whole-table dumps and chunked applies."""
 
     def __init__(
@@ -437,22 +437,6 @@ class IpvsBatch:
     @property
     def round_trips(self) -> int:
         return self._round_trips
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _next_seq(self) -> int:
         self._seq = (self._seq % 0x7FFFFFFF) + 1

@@ -26,13 +26,13 @@ import errno as errno_mod
 import socket
 import threading
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self
+from typing import Any, Final, Literal, Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
+from kproxy.kernel.handle import SocketHandle
 
 __all__ = ["DUMMY_LINK", "Family", "Links", "LinksError", "LinksVerbs"]
 
@@ -92,7 +92,7 @@ class LinksVerbs(Protocol):
     def close(self) -> None: ...
 
 
-class Links:
+class Links(SocketHandle):
     """One rtnetlink socket and the verbs on ``kube-ipvs0`` over it."""
 
     def __init__(self, name: str = DUMMY_LINK, netns: str | None = None) -> None:
@@ -102,7 +102,7 @@ class Links:
         self._thread = threading.get_ident()
         self._index: int | None = None
         try:
-            self._ipr: Any = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+            self._sock: Any = IPRoute(netns=netns, flags=0) if netns else IPRoute()
         except OSError as e:  # FileNotFoundError: no such netns
             raise LinksError("open", name, None, e.errno or 0, str(e), netns) from e
         except (TimeoutError, RuntimeError) as e:  # the netns helper child failed
@@ -111,22 +111,6 @@ class Links:
     @property
     def name(self) -> str:
         return self._name
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._ipr.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(self, verb: str, subject: IPAddress | None, fn: Any, *a: Any, **kw: Any) -> Any:
         if self._closed:
@@ -144,7 +128,7 @@ class Links:
             raise LinksError(verb, self._name, subject, e.errno or 0, str(e), self.netns) from e
 
     def _lookup(self, verb: str) -> int | None:
-        found = self._call(verb, None, self._ipr.link_lookup, ifname=self._name)
+        found = self._call(verb, None, self._sock.link_lookup, ifname=self._name)
         self._index = int(found[0]) if found else None
         return self._index
 
@@ -164,7 +148,7 @@ class Links:
         if self._lookup("ensure") is not None:
             return False
         try:
-            self._call("ensure", None, self._ipr.link, "add", ifname=self._name, kind="dummy")
+            self._call("ensure", None, self._sock.link, "add", ifname=self._name, kind="dummy")
         except LinksError as e:
             if e.errno != errno_mod.EEXIST:  # created meanwhile by someone else: fine
                 raise
@@ -176,7 +160,7 @@ class Links:
         index = self._lookup("delete-link")
         if index is None:
             return False
-        self._call("delete-link", None, self._ipr.link, "del", index=index)
+        self._call("delete-link", None, self._sock.link, "del", index=index)
         self._index = None
         return True
 
@@ -192,14 +176,16 @@ class Links:
 
     def list_addresses(self, family: Family) -> set[IPAddress]:
         """The addresses bound to the link, of ``family``."""
-        msgs = self._retry_on_enodev("list-addresses", None, self._ipr.get_addr, family=_AF[family])
+        msgs = self._retry_on_enodev(
+            "list-addresses", None, self._sock.get_addr, family=_AF[family]
+        )
         return {ip_address(m.get_attr("IFA_ADDRESS")) for m in msgs}
 
     def add_address(self, address: IPAddress) -> bool:
         """Bind ``address`` (host prefix) to the link; False if it was already bound."""
         try:
             self._retry_on_enodev(
-                "add-address", address, self._ipr.addr, command="add",
+                "add-address", address, self._sock.addr, command="add",
                 address=str(address), prefixlen=host_prefixlen(address),
             )  # fmt: skip
         except LinksError as e:
@@ -212,7 +198,7 @@ class Links:
         """Unbind ``address`` from the link; False if it was not bound."""
         try:
             self._retry_on_enodev(
-                "delete-address", address, self._ipr.addr, command="del",
+                "delete-address", address, self._sock.addr, command="del",
                 address=str(address), prefixlen=host_prefixlen(address),
             )  # fmt: skip
         except LinksError as e:
@@ -224,7 +210,7 @@ class Links:
     def local_addresses(self, family: Family) -> set[IPAddress]:
         """Every node address of ``family`` except the link's: one ``RTM_GETADDR`` dump."""
         index = self._index if self._index is not None else self._lookup("local-addresses")
-        msgs = self._call("local-addresses", None, self._ipr.get_addr, family=_AF[family])
+        msgs = self._call("local-addresses", None, self._sock.get_addr, family=_AF[family])
         out: set[IPAddress] = set()
         for m in msgs:
             if m["index"] == index:
