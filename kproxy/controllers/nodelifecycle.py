@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kproxy.api.meta import format_time, parse_time
+from kproxy.api.tolerations import tolerates
 from kproxy.client.errors import Conflict, NotFound
 from kproxy.client.informer import FuncHandler, field_index, wait_for_cache_sync
 from kproxy.client.rest import LEASES, NODES, PODS
@@ -150,22 +151,6 @@ def not_ready_conditions(pod: Mapping[str, Any], now: float) -> list[Obj] | None
 
 
 # ---------------------------------------------------------------- eviction
-
-
-def tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
-    """``Toleration.ToleratesTaint``: empty effect matches all, Exists with no key all keys."""
-    effect = toleration.get("effect") or ""
-    if effect and effect != taint.get("effect"):
-        return False
-    key = toleration.get("key") or ""
-    if key and key != taint.get("key"):
-        return False
-    op = toleration.get("operator") or "Equal"
-    if op == "Exists":
-        return True
-    if op == "Equal":
-        return bool(key) and (toleration.get("value") or "") == (taint.get("value") or "")
-    return False
 
 
 def eviction_delay(

@@ -30,6 +30,7 @@ from typing import Any
 
 from kproxy.api.errors import ApiError
 from kproxy.api.selectors import NOTHING, Selector, from_label_selector
+from kproxy.api.tolerations import tolerates
 from kproxy.scheduler.nodeinfo import NodeInfo, Snapshot, pod_requests
 
 ERR_UNSCHEDULABLE = "node(s) were unschedulable"
@@ -116,22 +117,6 @@ def node_affinity_matches(pod: Mapping[str, Any], node: Mapping[str, Any]) -> bo
 
 
 # ------------------------------------------------------------------- taints
-
-
-def tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
-    """``Toleration.ToleratesTaint``: empty effect matches all; Exists without key all keys."""
-    effect = toleration.get("effect") or ""
-    if effect and effect != taint.get("effect"):
-        return False
-    key = toleration.get("key") or ""
-    if key and key != taint.get("key"):
-        return False
-    op = toleration.get("operator") or "Equal"
-    if op == "Exists":
-        return True
-    if op == "Equal":
-        return bool(key) and (toleration.get("value") or "") == (taint.get("value") or "")
-    return False
 
 
 def tolerated(pod: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:

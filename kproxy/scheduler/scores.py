@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any
 
+from kproxy.api.tolerations import tolerates
 from kproxy.scheduler.filters import (
     CycleState,
     affinity_terms,
     match_node_selector_term,
     same_domain,
-    tolerates,
 )
 from kproxy.scheduler.nodeinfo import NodeInfo, non_zero_requests
 

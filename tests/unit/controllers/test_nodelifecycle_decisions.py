@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from kproxy.api.tolerations import tolerates
 from kproxy.controllers.nodelifecycle import (
     NOT_READY,
     UNREACHABLE,
@@ -13,7 +14,6 @@ from kproxy.controllers.nodelifecycle import (
     desired_taints,
     eviction_delay,
     not_ready_conditions,
-    tolerates,
     unknown_conditions,
 )
 
