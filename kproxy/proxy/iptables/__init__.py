@@ -7,7 +7,8 @@ The thin applier that hands it to the kernel lives beside it and is the only
 part of this package that does I/O (through ``kproxy.kernel``).
 """
 
-from kproxy.proxy.iptables.chains import LocalDetector, RenderOptions, masquerade_mark
+from kproxy.proxy.iptables.chains import LocalDetector, RenderOptions
 from kproxy.proxy.iptables.render import IPTablesRenderer, RenderResult
+from kproxy.proxy.masquerade import masquerade_mark
 
 __all__ = ["IPTablesRenderer", "LocalDetector", "RenderOptions", "RenderResult", "masquerade_mark"]

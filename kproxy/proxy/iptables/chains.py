@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from kproxy import fastpath
+from kproxy.proxy.masquerade import masquerade_mark
 from kproxy.proxy.types import ServicePortName
 
 KUBE_SERVICES: Final = "KUBE-SERVICES"
@@ -96,13 +97,6 @@ KUBELET_JUMP_CHAINS: Final = (
     JumpChain("filter", KUBELET_FIREWALL, "INPUT", ""),
     JumpChain("filter", KUBELET_FIREWALL, "OUTPUT", ""),
 )
-
-
-def masquerade_mark(bit: int = 14) -> str:
-    """Go's ``fmt.Sprintf("%#08x", 1<<bit)``: 8 digits after ``0x`` (``0x00004000``)."""
-    if not 0 <= bit <= 31:
-        raise ValueError(f"--iptables-masquerade-bit must be in [0, 31], got {bit}")
-    return f"0x{1 << bit:08x}"
 
 
 def compute_probability(n: int) -> str:

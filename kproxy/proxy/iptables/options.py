@@ -15,7 +15,8 @@ from kproxy.errors import KProxyError
 from kproxy.kernel import sysctl
 from kproxy.kernel.iptables import IptablesBackend, IptablesError
 from kproxy.proxy.config import ProxyConfig
-from kproxy.proxy.iptables.chains import LocalDetector, RenderOptions, masquerade_mark
+from kproxy.proxy.iptables.chains import LocalDetector, RenderOptions
+from kproxy.proxy.masquerade import masquerade_mark
 from kproxy.proxy.types import IPV6, parse_cidr_sloppy, parse_ip_sloppy
 
 log = logging.getLogger(__name__)

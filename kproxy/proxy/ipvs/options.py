@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from kproxy.proxy.config import ProxyConfig
+from kproxy.proxy.masquerade import masquerade_mark
 from kproxy.proxy.types import (
     IPV4,
     IPV6,
@@ -37,13 +38,6 @@ DEFAULT_SCHEDULER: Final = "rr"
 # Kernel versions that gate conn_reuse_mode (pkg/util/kernel/constants.go).
 CONN_REUSE_MIN_KERNEL: Final = (4, 1)
 CONN_REUSE_FIXED_KERNEL: Final = (5, 9)
-
-
-def masquerade_mark(bit: int = 14) -> str:
-    """Go's ``fmt.Sprintf("%#08x", 1<<bit)``: ``0x00004000`` for bit 14."""
-    if not 0 <= bit <= 31:
-        raise ValueError(f"--iptables-masquerade-bit must be in [0, 31], got {bit}")
-    return f"0x{1 << bit:08x}"
 
 
 @dataclass(frozen=True, slots=True)
