@@ -4,6 +4,11 @@
 #   scripts/bench.sh --steps 100,1000      (a quick run)
 # Kernel stages need root (each runs in its own throwaway network namespace);
 # without root the benches measure their pure parts only.
+# bench/userspace_throughput.py (kproxy's userspace data path vs direct, HAProxy
+# and socat, in client/node/backend namespaces) needs root, haproxy and socat;
+# it ignores the other benches' arguments.
+# bench/nfqueue_bench.py (NFQUEUE first-packet selection: handler verdicts/s, conn/s,
+# connect latency and bulk throughput vs the iptables mode and the socket relay) needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -5,6 +5,14 @@ honours, built from defaults, then ``--config`` (a
 ``kubeproxy.config.k8s.io/v1alpha1`` KubeProxyConfiguration), then the flags
 given explicitly on the command line, which win as in current upstream.
 Durations use Go's syntax (``1s``, ``1m30s``, ``300ms``).
+
+kproxy-specific KubeProxyConfiguration keys (upstream's v1alpha1 has no such
+section; its userspace keys were the top-level ``udpIdleTimeout`` and
+``portRange``, which are honoured too)::
+
+    userspace:
+      relay: auto          # --userspace-relay: auto (splice if compiled), splice, asyncio
+      loadBalancer: rr     # --userspace-lb: rr (upstream's round robin) or maglev
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from kproxy.errors import KProxyError
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 MODES = ("iptables", "ipvs", "userspace")
+DATAPATHS = ("socket", "nfqueue")
+USERSPACE_RELAYS = ("auto", "splice", "asyncio")
+USERSPACE_LBS = ("rr", "maglev")
 
 
 class ConfigError(KProxyError):
@@ -86,6 +97,12 @@ class ProxyConfig:
     conntrack_tcp_be_liberal: bool = False
     udp_timeout: float = 0.25
     proxy_port_range: str = ""
+    userspace_relay: str = "auto"
+    userspace_lb: str = "rr"
+    # The userspace mode's data path: socket relay (upstream's) or NFQUEUE marking.
+    userspace_datapath: str = "socket"
+    nfqueue_selection: str = "maglev"
+    nfqueue_queues: str = "0"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -107,10 +124,43 @@ class ProxyConfig:
                 ipaddress.ip_address(ip)
             except ValueError as exc:
                 raise ConfigError(f"invalid node IP {ip!r}") from exc
+        if self.userspace_relay not in USERSPACE_RELAYS:
+            raise ConfigError(
+                f"--userspace-relay must be one of {', '.join(USERSPACE_RELAYS)},"
+                f" not {self.userspace_relay!r}"
+            )
+        if self.userspace_lb not in USERSPACE_LBS:
+            raise ConfigError(
+                f"--userspace-lb must be one of {', '.join(USERSPACE_LBS)},"
+                f" not {self.userspace_lb!r}"
+            )
+        if self.userspace_datapath not in DATAPATHS:
+            raise ConfigError(
+                f"--userspace-datapath must be socket or nfqueue, not {self.userspace_datapath!r}"
+            )
+        if self.nfqueue_selection not in ("maglev", "rr"):
+            raise ConfigError(
+                f"--nfqueue-selection must be maglev or rr, not {self.nfqueue_selection!r}"
+            )
+        self.nfqueue_queue_range()
         if self.iptables_backend not in ("auto", "legacy", "nft"):
             raise ConfigError(
                 f"--iptables-backend must be auto, legacy or nft, not {self.iptables_backend!r}"
             )
+
+    def nfqueue_queue_range(self) -> tuple[int, int]:
+        """``--nfqueue-queues``: ``"0"`` → (0, 0), ``"0:1"`` → (0, 1)."""
+        first, sep, last = self.nfqueue_queues.strip().partition(":")
+        try:
+            a = int(first)
+            b = int(last) if sep else a
+        except ValueError:
+            a = b = -1
+        if not 0 <= a <= b <= 65535:
+            raise ConfigError(
+                f"--nfqueue-queues must be N or FIRST:LAST (0-65535), not {self.nfqueue_queues!r}"
+            )
+        return a, b
 
     def node_name(self) -> str:
         """``--hostname-override``, else the hostname, lower-cased as upstream."""
@@ -145,6 +195,9 @@ class ProxyConfig:
                 "udpTimeout": f"{self.ipvs_udp_timeout:g}s",
             },
             "conntrack": {"tcpBeLiberal": self.conntrack_tcp_be_liberal},
+            "udpIdleTimeout": f"{self.udp_timeout:g}s",
+            "portRange": self.proxy_port_range,
+            "userspace": {"relay": self.userspace_relay, "loadBalancer": self.userspace_lb},
             "clientConnection": {"kubeconfig": self.kubeconfig},
         }
 
@@ -189,6 +242,8 @@ _YAML_FIELDS: dict[tuple[str, ...], tuple[str, Any]] = {
     ("clientConnection", "kubeconfig"): ("kubeconfig", str),
     ("udpIdleTimeout",): ("udp_timeout", parse_duration),
     ("portRange",): ("proxy_port_range", str),
+    ("userspace", "relay"): ("userspace_relay", str),
+    ("userspace", "loadBalancer"): ("userspace_lb", str),
 }
 
 
@@ -266,6 +321,23 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--conntrack-tcp-be-liberal": ("conntrack_tcp_be_liberal", None, "nf_conntrack_tcp_be_liberal"),
     "--udp-timeout": ("udp_timeout", parse_duration, "userspace UDP idle timeout (default 250ms)"),
     "--proxy-port-range": ("proxy_port_range", str, "userspace proxy port range, e.g. 30000-31000"),
+    "--userspace-relay": (
+        "userspace_relay",
+        str,
+        "kproxy: userspace TCP relay, auto (splice if compiled, default), splice or asyncio",
+    ),
+    "--userspace-lb": (
+        "userspace_lb",
+        str,
+        "kproxy: userspace load balancer, rr (default, as upstream) or maglev",
+    ),
+    "--userspace-datapath": (
+        "userspace_datapath",
+        str,
+        "kproxy: userspace data path, socket (relay, default) or nfqueue (first-packet marks)",
+    ),
+    "--nfqueue-selection": ("nfqueue_selection", str, "kproxy: nfqueue choice, maglev or rr"),
+    "--nfqueue-queues": ("nfqueue_queues", str, "kproxy: NFQUEUE N or FIRST:LAST (default 0)"),
 }
 
 

@@ -29,6 +29,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol, TextIO
@@ -47,8 +48,11 @@ from kproxy.proxy.healthcheck import ServiceHealthServer
 from kproxy.proxy.iptables.chains import RenderOptions
 from kproxy.proxy.iptables.mode import DryRunIptablesMode, IptablesMode
 from kproxy.proxy.iptables.options import HostFeatures, detect_host_features, render_options
+from kproxy.proxy.ipvs.mode import IpvsMode
 from kproxy.proxy.metrics import ProxyMetrics, metrics_app
 from kproxy.proxy.mode import Mode, SyncResult
+from kproxy.proxy.nfqueue import NfqueueMode, nfqueue_options
+from kproxy.proxy.nfqueue import cleanup_rules as cleanup_nfqueue_rules
 from kproxy.proxy.runner import BoundedFrequencyRunner
 from kproxy.proxy.sources import Handler, ObjectsFile
 from kproxy.proxy.userspace import UserspaceMode, UserspaceOptions
@@ -265,7 +269,7 @@ def _render_options(cfg: ProxyConfig, core: ProxyCore, features: HostFeatures) -
 class _BuiltMode:
     """A mode plus what the loop wires around it."""
 
-    mode: IptablesMode | DryRunIptablesMode | UserspaceMode
+    mode: IptablesMode | DryRunIptablesMode | UserspaceMode | IpvsMode | NfqueueMode
     canary: Callable[[], bool] | None = None
     after_sync: Callable[[Snapshot], object] | None = None
     health_checks: ServiceHealthServer | None = None
@@ -292,6 +296,14 @@ def _build_mode(
 
     backend: Any = cfg.iptables_backend
     ipt = Iptables("ipv4", backend)
+    if cfg.mode == "userspace" and cfg.userspace_datapath == "nfqueue":
+        from kproxy.kernel.conntrack import Conntrack as _Conntrack
+
+        nfq_opts = nfqueue_options(cfg, core, random_fully=ipt.has_random_fully())
+        nfq = NfqueueMode(ipt, nfq_opts, metrics)
+        # Flows are DNATed in the kernel, so stale UDP flows are reconciled as in iptables mode.
+        reconcile = ConntrackReconciler(_Conntrack("ipv4"), metrics).after_sync
+        return _BuiltMode(nfq, canary=nfq.canary_present, after_sync=reconcile, close=nfq.close)
     if cfg.mode == "userspace":
         mode = UserspaceMode(ipt, _userspace_options(cfg, core), metrics)
         # Client flows are NATed to the proxy's own port, never to endpoints, so
@@ -299,6 +311,17 @@ def _build_mode(
         return _BuiltMode(mode, canary=mode.canary_present, close=mode.close)
     from kproxy.kernel.conntrack import Conntrack
 
+    if cfg.mode == "ipvs":
+        ipvs_mode = _ipvs_mode(cfg, core, ipt, metrics)
+        # Upstream's IPVS mode has no canary (its rule monitor is iptables-only).
+        return _BuiltMode(
+            ipvs_mode,
+            after_sync=ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync,
+            health_checks=ServiceHealthServer(
+                health, tuple(str(ip) for ip in ipvs_mode.options.nodeport_ips or ())
+            ),
+            close=ipvs_mode.close,
+        )
     opts = _render_options(cfg, core, detect_host_features(ipt, cfg))
     iptables_mode = IptablesMode(ipt, opts, metrics, sync_period=cfg.sync_period)
     return _BuiltMode(
@@ -307,6 +330,63 @@ def _build_mode(
         after_sync=ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync,
         health_checks=ServiceHealthServer(health, opts.nodeport_ips or ()),
     )
+
+
+def _ipvs_mode(
+    cfg: ProxyConfig,
+    core: ProxyCore,
+    ipt: Any,
+    metrics: ProxyMetrics | None,
+) -> IpvsMode:
+    """The IPVS mode, its kernel handles opened on (and bound to) one worker thread."""
+    from kproxy.kernel.ipset import Ipset
+    from kproxy.kernel.ipvs_batch import IpvsBatch
+    from kproxy.kernel.links import Links
+    from kproxy.proxy.ipvs import ipvs_options
+    from kproxy.proxy.ipvs.mode import host_kernel_version
+
+    # pyroute2 handles refuse other threads, and syncs run in asyncio's worker pool:
+    # one dedicated thread opens the handles and runs every sync and the cleanup.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kproxy-ipvs")
+
+    def build() -> IpvsMode:
+        opened: list[Any] = []
+        try:
+            links = Links()
+            opened.append(links)
+            local = sorted(links.local_addresses("ipv4"), key=int)
+            opts = ipvs_options(
+                cfg,
+                node_name=core.node_name,
+                node_ips=(*core.node_ips(), *(str(a) for a in local)),
+                topology_labels=core.topology_labels(core.node),
+                random_fully=ipt.has_random_fully(),
+                kernel_version=host_kernel_version(),
+            )
+            batch = IpvsBatch()
+            opened.append(batch)
+            ipset = Ipset()
+            opened.append(ipset)
+            return IpvsMode(
+                batch,
+                ipset,
+                links,
+                ipt,
+                opts,
+                metrics,
+                verify_period=cfg.sync_period,
+                executor=pool,
+            )
+        except BaseException:
+            for handle in opened:
+                handle.close()
+            raise
+
+    try:
+        return pool.submit(build).result()
+    except KProxyError as e:
+        pool.shutdown(wait=False)
+        raise ConfigError(f"the ipvs proxy mode cannot run here: {e}") from e
 
 
 def _userspace_options(cfg: ProxyConfig, core: ProxyCore) -> UserspaceOptions:
@@ -331,6 +411,8 @@ def _userspace_options(cfg: ProxyConfig, core: ProxyCore) -> UserspaceOptions:
         port_range=cfg.proxy_port_range,
         udp_timeout=cfg.udp_timeout,
         topology_labels=core.topology_labels(core.node),
+        relay=cfg.userspace_relay,
+        load_balancer=cfg.userspace_lb,
     )
 
 
@@ -340,12 +422,41 @@ def cleanup(cfg: ProxyConfig) -> int:
 
     backend: Any = cfg.iptables_backend
     ipt = Iptables("ipv4", backend)
+    # The mode that ran goes first: its jump rules reference chains the other
+    # modes share (KUBE-SERVICES, KUBE-POSTROUTING...), which cannot go before them.
+    status = _cleanup_ipvs(cfg, ipt) if cfg.mode == "ipvs" else 0
     try:
         IptablesMode(ipt, RenderOptions()).cleanup()
         cleanup_userspace_rules(ipt)
+        cleanup_nfqueue_rules(ipt)
     except IptablesError as e:
         log.error("cleanup: %s", e)
         return 1
+    if cfg.mode != "ipvs":
+        status = _cleanup_ipvs(cfg, ipt)
+    return status
+
+
+def _cleanup_ipvs(cfg: ProxyConfig, ipt: Any) -> int:
+    """IPVS leftovers after the iptables ones (the sets are referenced by rules until
+    then). Upstream cleans IPVS whatever the mode when the kernel can; a kernel
+    without IPVS or ipset is an error only in ipvs mode."""
+
+    try:
+        mode: IpvsMode = _ipvs_mode(cfg, ProxyCore(cfg.node_name()), ipt, None)
+    except ConfigError as e:
+        if cfg.mode == "ipvs":
+            log.error("cleanup: %s", e)
+            return 1
+        log.debug("no IPVS cleanup: %s", e)
+        return 0
+    try:
+        mode.cleanup()
+    except KProxyError as e:
+        log.error("cleanup: %s", e)
+        return 1
+    finally:
+        mode.close()
     return 0
 
 
@@ -370,8 +481,6 @@ async def _serve(app: web.Application, address: str) -> web.AppRunner | None:
 async def run_proxy(cfg: ProxyConfig, *, dry_run: bool, out: TextIO) -> None:
     """``kproxy proxy``: follow ``--objects`` (or the apiserver of ``--kubeconfig`` /
     ``--master``) and program the kernel until cancelled."""
-    if cfg.mode == "ipvs":
-        raise ConfigError("proxy mode 'ipvs' is not wired yet (iptables and userspace are)")
     if not cfg.objects and not cfg.kubeconfig and not cfg.master:
         raise ConfigError("kproxy proxy needs --objects FILE or --kubeconfig/--master")
     node_name = cfg.node_name()

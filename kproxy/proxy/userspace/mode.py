@@ -49,7 +49,8 @@ from kproxy.proxy.metrics import ProxyMetrics
 from kproxy.proxy.mode import SyncResult
 from kproxy.proxy.topology import categorize_endpoints
 from kproxy.proxy.types import IPV4, IPAddress, ServicePortInfo, ServicePortName
-from kproxy.proxy.userspace.loadbalancer import LoadBalancer, RoundRobinLoadBalancer
+from kproxy.proxy.userspace.components import OwnedRelay, new_load_balancer, new_relay
+from kproxy.proxy.userspace.loadbalancer import LoadBalancer
 from kproxy.proxy.userspace.metrics import UserspaceMetrics
 from kproxy.proxy.userspace.portals import (
     ANY_IPV4,
@@ -68,7 +69,7 @@ from kproxy.proxy.userspace.proxysocket import (
     open_listener,
     raise_nofile_limit,
 )
-from kproxy.proxy.userspace.relay import AsyncioRelay, Relay
+from kproxy.proxy.userspace.relay import Relay
 from kproxy.proxy.userspace.udp import DEFAULT_MAX_CLIENTS, DEFAULT_UDP_TIMEOUT, UdpProxySocket
 
 __all__ = ["DataPlane", "UserspaceMode", "UserspaceOptions", "cleanup_rules"]
@@ -85,10 +86,13 @@ _CHAIN_LINE: Final = re.compile(r"^:(\S+) ", re.M)
 
 @dataclass(frozen=True, slots=True)
 class UserspaceOptions:
-    """The userspace mode's flags (``--bind-address``, ``--proxy-port-range``, ``--udp-timeout``).
+    """The userspace mode's flags (``--bind-address``, ``--proxy-port-range``, ``--udp-timeout``,
+    and kproxy's ``--userspace-relay`` and ``--userspace-lb``).
 
     ``host_ip`` is where the node's own traffic is DNATed when ``listen_ip`` is
-    unspecified: a local, non-loopback address (the node IP).
+    unspecified: a local, non-loopback address (the node IP). ``relay`` and
+    ``load_balancer`` name the parts of :mod:`.components` (a relay or balancer
+    injected into :class:`UserspaceMode` wins over them).
     """
 
     host_ip: IPAddress | None = None
@@ -100,6 +104,8 @@ class UserspaceOptions:
     dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS
     raise_nofile: bool = True
     topology_labels: tuple[tuple[str, str], ...] = ()
+    relay: str = "auto"
+    load_balancer: str = "rr"
 
 
 class DataPlane:
@@ -160,8 +166,11 @@ class UserspaceMode:
         self.portal_options = PortalOptions(options.listen_ip, options.host_ip)
         self.metrics = metrics
         self.us_metrics = UserspaceMetrics(metrics.registry if metrics is not None else None)
-        self.lb: LoadBalancer = load_balancer or RoundRobinLoadBalancer()
-        self.relay: Relay = relay or AsyncioRelay()
+        self.lb: LoadBalancer = load_balancer or new_load_balancer(options.load_balancer)
+        # An injected relay belongs to the caller; one made here is made when the
+        # data plane starts (a splice relay owns a thread) and closed when it stops.
+        self._relay: Relay | None = relay
+        self._owned_relay: OwnedRelay | None = None
         self.allocator = PortAllocator(options.port_range)
         self.plane = DataPlane()
         self.need_full = True
@@ -172,6 +181,15 @@ class UserspaceMode:
     @property
     def name(self) -> str:
         return "userspace"
+
+    @property
+    def relay(self) -> Relay:
+        """The relay proxy sockets hand connected pairs to (made on first use)."""
+        if self._relay is None:
+            self._owned_relay = new_relay(self.options.relay)
+            self._relay = self._owned_relay
+            log.info("userspace relay: %s", type(self._owned_relay).__name__)
+        return self._relay
 
     def set_topology_labels(self, labels: tuple[tuple[str, str], ...]) -> None:
         """The Node's topology labels changed (the loop forces a full sync with it)."""
@@ -190,6 +208,7 @@ class UserspaceMode:
         if not self.plane.running:
             if self.options.raise_nofile:
                 raise_nofile_limit()
+            _ = self.relay  # made here, off the data plane, before any socket needs it
             self.plane.start()
         try:
             ports, problems = self.plane.call(self._open(wanted))
@@ -353,6 +372,10 @@ class UserspaceMode:
             with contextlib.suppress(Exception):
                 self.plane.call(self._close_removed(set(), abort=True))
             self.plane.stop()
+        if self._owned_relay is not None:
+            # Stops a splice relay's thread (resetting any pair still relayed).
+            self._owned_relay.close()
+            self._owned_relay = self._relay = None
         self.need_full = True
 
     def cleanup(self) -> None:

@@ -82,6 +82,9 @@ class AsyncioRelay:
         for task in list(self._tasks):
             task.cancel()
 
+    def close(self) -> None:
+        """Nothing of its own to release: its pairs are tasks of the data-plane loop."""
+
     async def _run(self, client: socket.socket, backend: socket.socket) -> None:
         pumps = [
             asyncio.create_task(self._pump(client, backend)),
