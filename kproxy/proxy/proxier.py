@@ -340,6 +340,7 @@ def _ipvs_mode(
 ) -> IpvsMode:
     """The IPVS mode, its kernel handles opened on (and bound to) one worker thread."""
     from kproxy.kernel.ipset import Ipset
+    from kproxy.kernel.ipvs import set_timeouts as set_ipvs_timeouts
     from kproxy.kernel.ipvs_batch import IpvsBatch
     from kproxy.kernel.links import Links
     from kproxy.proxy.ipvs import ipvs_options
@@ -376,6 +377,7 @@ def _ipvs_mode(
                 metrics,
                 verify_period=cfg.sync_period,
                 executor=pool,
+                set_timeouts=set_ipvs_timeouts,
             )
         except BaseException:
             for handle in opened:
