@@ -60,6 +60,10 @@ def extensions() -> list[Extension]:
         "kproxy._fastpath",
         ["kproxy/_fastpath.pyx"],
         extra_compile_args=["-O3"],
+        # The NFQUEUE loop (_fastpath_nfq.pxi). Without libnetfilter-queue-dev the
+        # compile or the link fails, which takes the twin path below like any
+        # other build failure (or fails loudly under KPROXY_REQUIRE_EXTENSIONS=1).
+        libraries=["netfilter_queue"],
     )
     return list(
         cythonize(

@@ -7,8 +7,12 @@ the in-process decision rate is measured), bounded in count and time:
    ``ctstate NEW`` packet: no reply ever comes) queued in mangle OUTPUT from a
    sender process, served by a consumer process with (a) accept only, (b) the
    :class:`~kproxy.proxy.nfqueue.handler.QueueHandler` callback with the
-   compiled fast path, (c) the same with the pure twin. The sender is
-   back-pressured by the queue, so the rate is the consumer's capacity;
+   compiled fast path, (c) the same with the pure twin, (d) ``c-loop``: the
+   compiled ``NfqLoop`` (recv → parse → Maglev → verdict in C, no GIL), (e)
+   ``twin-loop``: its twin. The sender is back-pressured by the queue, so the
+   rate is the consumer's capacity, unless the sender itself is slower: each
+   variant runs once with the Python sender and once with a C ``sendmmsg``
+   sender compiled here with gcc (bench only, not part of the package);
 2. the decision alone (:meth:`Decider.decide` on a ready IPv4/TCP packet), per build;
 3. the real ``kproxy proxy`` in a node namespace, three echo pods, a client
    namespace: new connections per second and connect latency (SYN → SYN-ACK as
@@ -91,6 +95,85 @@ print(json.dumps({"packets": n, "seconds": t1 - (t0 or t1), "marked": marked,
 q.close()
 """
 
+LOOP_CONSUMER = r"""
+import importlib, ipaddress, json, sys, time
+from kproxy.kernel.nfqueue import read_queue_stats
+from kproxy.proxy.nfqueue.handler import Decider, ServiceSelection
+from kproxy.proxy.nfqueue.rules import MARK_MASK
+from kproxy.proxy.types import ServicePortName
+variant, seconds = sys.argv[1], float(sys.argv[2])
+impl = importlib.import_module("kproxy._fastpath" if variant == "c-loop" else "kproxy._fastpath_py")
+eps = tuple(f"10.1.0.{i}:8080" for i in range(1, 11))
+d = Decider("maglev", impl=impl)
+spn = ServicePortName("default", "bench", "", "UDP")
+d.update([ServiceSelection(spn, "UDP", (ipaddress.ip_address("127.0.0.1").packed,), 5000,
+                           eps, tuple(range(1, 11)))])
+loop = impl.NfqLoop([0], mark_mask=MARK_MASK, delegate=d.decide)
+loop.open()
+loop.set_services(d.loop_entries())
+print("ready", flush=True)
+deadline = time.monotonic() + 10
+# The window starts with the run() call that saw the first packet: the twin's
+# binding drains until the queue is empty, so that one call may last long.
+t0 = time.monotonic()
+while time.monotonic() < deadline and loop.run(0.01) == 0:
+    t0 = time.monotonic()
+n0 = 0
+while (left := t0 + seconds - time.monotonic()) > 0:
+    loop.run(left)
+t1 = time.monotonic()
+st = read_queue_stats().get(0)
+print(json.dumps({"packets": loop.stats()["packets"] - n0, "seconds": t1 - t0,
+                  "marked": sum(n for _, n in loop.take_marked()),
+                  "fail_open": loop.fail_open, "gso": loop.gso,
+                  "queue_dropped": st.queue_dropped if st else -1,
+                  "user_dropped": st.user_dropped if st else -1}), flush=True)
+loop.close()
+"""
+
+# Bench only (never shipped): a sendmmsg sender, so that a Python sender's
+# ~120-200k datagrams/s does not cap what the consumer can show.
+C_SENDER = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+static double now(void) {
+    struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+int main(int argc, char **argv) {
+    double end = now() + atof(argv[1]);
+    int s = socket(AF_INET, SOCK_DGRAM, 0), big = 1 << 20;
+    setsockopt(s, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(5000)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) < 0) return 1;
+    static char payload[64];
+    struct iovec iov = {payload, sizeof payload};
+    struct mmsghdr m[64];
+    memset(m, 0, sizeof m);
+    for (int i = 0; i < 64; i++) { m[i].msg_hdr.msg_iov = &iov; m[i].msg_hdr.msg_iovlen = 1; }
+    while (now() < end) sendmmsg(s, m, 64, 0);
+    return 0;
+}
+"""
+
+
+def c_sender(workdir: Path) -> Path | None:
+    """Compile the bench's C sender with gcc; None when there is no compiler."""
+    src, exe = workdir / "nfq_sender.c", workdir / "nfq_sender"
+    src.write_text(C_SENDER)
+    try:
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return exe
+
+
 SENDER = r"""
 import socket, sys, time
 seconds = float(sys.argv[1])
@@ -136,14 +219,15 @@ def scratch_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def handler_rate(variant: str, seconds: float) -> dict[str, Any]:
+def handler_rate(variant: str, seconds: float, sender: Path | None = None) -> dict[str, Any]:
     with scratch_netns() as ns:
         ex = ["ip", "netns", "exec", ns]
         rule = "-t mangle -A OUTPUT -p udp --dport 5000 -j NFQUEUE --queue-num 0 --queue-bypass"
         subprocess.run([*ex, "iptables-nft", *rule.split()], check=True)
         sink = subprocess.Popen([*ex, PY, "-c", SINK, str(seconds + 15)], cwd=REPO)
+        script = LOOP_CONSUMER if variant.endswith("-loop") else CONSUMER
         cons = subprocess.Popen(
-            [*ex, "taskset", "-c", "0", PY, "-c", CONSUMER, variant, str(seconds)],
+            [*ex, "taskset", "-c", "0", PY, "-c", script, variant, str(seconds)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             text=True,
@@ -152,7 +236,8 @@ def handler_rate(variant: str, seconds: float) -> dict[str, Any]:
         cons.stdout.readline()  # "ready"
         cpus = os.cpu_count() or 1
         pin = ["taskset", "-c", "1"] if cpus > 1 else []
-        send = subprocess.Popen([*ex, *pin, PY, "-c", SENDER, str(seconds + 1)], cwd=REPO)
+        argv = [str(sender)] if sender is not None else [PY, "-c", SENDER]
+        send = subprocess.Popen([*ex, *pin, *argv, str(seconds + 1)], cwd=REPO)
         try:
             out, _ = cons.communicate(timeout=seconds + 30)
         finally:
@@ -162,6 +247,7 @@ def handler_rate(variant: str, seconds: float) -> dict[str, Any]:
                 p.wait(timeout=10)
         res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         res["pps"] = res["packets"] / res["seconds"] if res["seconds"] else 0.0
+        res["sender"] = "c-sendmmsg" if sender is not None else "python"
         return res
 
 
@@ -367,7 +453,7 @@ def modes_compare(seconds: float, bulk_mib: int) -> dict[str, Any]:
     return results
 
 
-def run(seconds: float, kernel: bool, bulk_mib: int) -> dict[str, Any]:
+def run(seconds: float, kernel: bool, bulk_mib: int, modes: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"decide_per_s": {}}
     n = 200_000
     for module in ("kproxy._fastpath", "kproxy._fastpath_py"):
@@ -375,8 +461,17 @@ def run(seconds: float, kernel: bool, bulk_mib: int) -> dict[str, Any]:
             out["decide_per_s"][module] = decide_rate(module, n if "py" not in module else n // 4)
     if not kernel or os.geteuid() != 0:
         return out
-    out["handler"] = {v: handler_rate(v, seconds) for v in ("accept", "compiled", "twin")}
-    out["modes"] = modes_compare(seconds, bulk_mib)
+    variants = ["accept", "compiled", "twin", "twin-loop"]
+    with contextlib.suppress(ImportError):
+        importlib.import_module("kproxy._fastpath")
+        variants.insert(1, "c-loop")
+    out["handler"] = {v: handler_rate(v, seconds) for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = c_sender(Path(tmp))
+        if exe is not None:
+            out["handler_c_sender"] = {v: handler_rate(v, seconds, exe) for v in variants}
+    if modes:
+        out["modes"] = modes_compare(seconds, bulk_mib)
     return out
 
 
@@ -384,9 +479,14 @@ def table(r: dict[str, Any]) -> str:
     lines = ["decision alone (Decider.decide, IPv4/TCP, 10 endpoints, Maglev):"]
     for k, v in r["decide_per_s"].items():
         lines.append(f"  {k:22s} {v / 1e3:8.0f} k/s")
-    if "handler" in r:
-        lines.append("handler behind a real NFQUEUE (one core, python-netfilterqueue callback):")
-        for k, v in r["handler"].items():
+    for key, sender in (("handler", "Python sender"), ("handler_c_sender", "C sendmmsg sender")):
+        if key not in r:
+            continue
+        lines.append(
+            f"handler behind a real NFQUEUE, consumer on one core, {sender} "
+            "(accept/compiled/twin: python-netfilterqueue callback; *-loop: NfqLoop; target 150k):"
+        )
+        for k, v in r[key].items():
             lines.append(
                 f"  {k:10s} {v['pps'] / 1e3:7.0f} k verdicts/s  marked={v['marked']}"
                 f"  queue_dropped={v['queue_dropped']} user_dropped={v['user_dropped']}"
@@ -411,13 +511,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     ap.add_argument("--bulk-mib", type=int, default=2048, help="bytes per bulk stream")
     ap.add_argument("--no-kernel", action="store_true", help="decision rate only")
+    ap.add_argument("--no-modes", action="store_true", help="skip the real-proxy comparison")
     ap.add_argument("--quick", action="store_true", help="1 s measurements, 256 MiB bulk")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     # scripts/bench.sh passes every bench the same extra flags: ignore the others'.
     args, _ = ap.parse_known_args(argv)
     if args.quick:
         args.seconds, args.bulk_mib = 1.0, 256
-    result = run(args.seconds, not args.no_kernel, args.bulk_mib)
+    result = run(args.seconds, not args.no_kernel, args.bulk_mib, not args.no_modes)
     print(table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "nfqueue_bench.json").write_text(json.dumps(result, indent=2) + "\n")

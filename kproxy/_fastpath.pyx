@@ -285,3 +285,7 @@ __all__ += [
 include "_fastpath_relay.pxi"
 
 __all__ += ["RELAY_COPY_BUFFER", "RelayLoop"]
+
+include "_fastpath_nfq.pxi"
+
+__all__ += ["NFQ_BATCH", "NfqLoop"]

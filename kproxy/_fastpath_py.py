@@ -244,3 +244,7 @@ __all__ += [
 from kproxy._fastpath_relay_py import RELAY_COPY_BUFFER, RelayLoop  # noqa: E402
 
 __all__ += ["RELAY_COPY_BUFFER", "RelayLoop"]
+
+from kproxy._fastpath_nfq_py import NFQ_BATCH, NfqLoop  # noqa: E402
+
+__all__ += ["NFQ_BATCH", "NfqLoop"]

@@ -77,6 +77,9 @@ MAGLEV_OFFSET_SEED: int = _impl.MAGLEV_OFFSET_SEED
 MAGLEV_SKIP_SEED: int = _impl.MAGLEV_SKIP_SEED
 MAX_EXTENSION_HEADERS: int = _impl.MAX_EXTENSION_HEADERS
 RELAY_COPY_BUFFER: int = _impl.RELAY_COPY_BUFFER
+# NFQUEUE data path: the queue loop (C-owned recv → verdict when compiled).
+NfqLoop: type[_fastpath_py.NfqLoop] = _impl.NfqLoop
+NFQ_BATCH: int = _impl.NFQ_BATCH
 
 __all__ = [
     "COMPILED",
@@ -85,6 +88,7 @@ __all__ = [
     "MAGLEV_OFFSET_SEED",
     "MAGLEV_SKIP_SEED",
     "MAX_EXTENSION_HEADERS",
+    "NFQ_BATCH",
     "PARSED_SIZE",
     "PARSE_FRAGMENT",
     "PARSE_MALFORMED",
@@ -94,6 +98,7 @@ __all__ = [
     "RELAY_COPY_BUFFER",
     "ClientIPAffinity",
     "Maglev",
+    "NfqLoop",
     "RelayLoop",
     "RoundRobin",
     "client_key",

@@ -47,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kproxy import fastpath
-from kproxy.kernel.nfqueue import PacketQueue, QueueStats, read_queue_stats
+from kproxy.kernel.nfqueue import NfQueueError, PacketQueue, QueueStats, read_queue_stats
 from kproxy.proxy.nfqueue.rules import MARK_MASK, mark_value
 from kproxy.proxy.types import ServicePortName
 
@@ -56,6 +56,7 @@ __all__ = [
     "ROUND_ROBIN",
     "Decider",
     "Decision",
+    "LoopHandler",
     "NfqueueCollector",
     "QueueHandler",
     "ServiceSelection",
@@ -148,6 +149,7 @@ class Decider:
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, not {selection!r}")
         m: Any = impl if impl is not None else fastpath
+        self.impl = m
         self.selection = selection
         self.table_size = table_size
         self._clock = clock
@@ -211,6 +213,37 @@ class Decider:
 
     def marks_by_service(self) -> dict[str, int]:
         return {str(spn): s.marked for spn, s in self._by_spn.items()}
+
+    def loop_entries(self) -> list[tuple[Any, ...]]:
+        """The published tables as ``NfqLoop.set_services`` entries (keyed by service port).
+
+        The loop uses the Maglev and RoundRobin objects in place, so round-robin
+        positions carry over exactly as they do here; affinity services are
+        delegated back to :meth:`decide`.
+        """
+        out: list[tuple[Any, ...]] = []
+        for spn, svc in self._by_spn.items():
+            sel = svc.sel
+            out.append(
+                (
+                    spn,
+                    sel.frontends,
+                    sel.port,
+                    _PROTO[sel.protocol],
+                    svc.maglev,
+                    svc.rr,
+                    svc.marks,
+                    svc.affinity is not None,
+                )
+            )
+        return out
+
+    def add_marked(self, counts: Iterable[tuple[Any, int]]) -> None:
+        """Fold the loop's per-service marked counts in (services gone since are dropped)."""
+        for spn, n in counts:
+            svc = self._by_spn.get(spn)
+            if svc is not None:
+                svc.marked += n
 
     # -- the packet path ----------------------------------------------------------
     def decide(self, buf: bytes) -> int:
@@ -289,6 +322,12 @@ class QueueHandler:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def publish(self) -> None:
+        """Nothing to do: the callback reads the decider's tables directly."""
+
+    def refresh(self) -> None:
+        """Nothing to do: the callback counts on the decider directly."""
 
     # -- the callback (packet thread) -------------------------------------------
     def callback(self, pkt: Any) -> None:
@@ -390,6 +429,135 @@ class QueueHandler:
         return {n: stats[n] for n in self.queue_nums if n in stats}
 
 
+class LoopHandler:
+    """Serves the queues with the fast path's ``NfqLoop`` (the C loop when compiled).
+
+    Same surface as :class:`QueueHandler`. The loop owns recv → parse → select
+    → verdict for Maglev and round-robin services; ClientIP-affinity services
+    are delegated to :meth:`Decider.decide` (on the loop's thread, so the
+    selection state stays single-writer, and :meth:`Decider.sweep` runs there
+    too, between two :meth:`NfqLoop.run` calls). :meth:`publish` hands the
+    decider's tables to the loop after each :meth:`Decider.update`; the loop's
+    counters are folded into the decider by :meth:`refresh` (scrape time).
+    """
+
+    def __init__(
+        self,
+        decider: Decider,
+        queues: Sequence[int],
+        *,
+        copy_range: int = 128,
+        max_len: int = 4096,
+        stats: Callable[[], Mapping[int, QueueStats]] = read_queue_stats,
+    ) -> None:
+        self.decider = decider
+        self.queue_nums = tuple(queues)
+        self._stats = stats
+        self.loop: Any = decider.impl.NfqLoop(
+            self.queue_nums,
+            copy_range=copy_range,
+            max_len=max_len,
+            mark_mask=MARK_MASK,
+            delegate=decider.decide,
+        )
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._seen_unmarked = [0] * (len(REASONS) + 1)
+        self._seen_errors = 0
+        self.pps = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def packets(self) -> int:
+        return int(self.loop.stats()["packets"])
+
+    @property
+    def errors(self) -> int:
+        c = self.loop.stats()
+        return int(c["errors"]) + int(c["send_errors"])
+
+    def publish(self) -> None:
+        """Hand the decider's current tables to the loop (sync thread)."""
+        with self._lock:
+            self.decider.add_marked(self.loop.set_services(self.decider.loop_entries()))
+
+    def refresh(self) -> None:
+        """Fold the loop's counters into the decider's (collector, stats)."""
+        with self._lock:
+            self.decider.add_marked(self.loop.take_marked())
+            c = self.loop.stats()
+            for i, n in enumerate(c["unmarked"]):
+                self.decider.unmarked[i] += n - self._seen_unmarked[i]
+                self._seen_unmarked[i] = n
+            # Delegate failures are not counted by reason in the loop: count them as errors.
+            self.decider.unmarked[6] += c["errors"] - self._seen_errors
+            self._seen_errors = c["errors"]
+
+    def start(self) -> None:
+        """Bind every queue (raises NfQueueError) and start the thread."""
+        if self._thread is not None:
+            return
+        try:
+            self.loop.open()
+        except OSError as e:
+            self.loop.close()
+            raise NfQueueError(f"cannot bind NFQUEUE {self.queue_nums}: {e}") from e
+        self.publish()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="kproxy-nfqueue", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_t, last_n = time.monotonic(), 0
+        next_sweep = last_t + SWEEP_INTERVAL_S
+        while not self._stop.is_set():
+            try:
+                last_n += self.loop.run(1.0)
+            except OSError as e:
+                log.error("NFQUEUE %s: %s", self.queue_nums, e)
+                time.sleep(0.1)  # bounded retry rate on a broken socket
+            now = time.monotonic()
+            if now - last_t >= 1.0:
+                self.pps = last_n / (now - last_t)
+                last_t, last_n = now, 0
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL_S
+                try:
+                    self.decider.sweep()
+                except Exception:
+                    log.exception("affinity sweep failed")
+
+    def stop(self) -> None:
+        """Stop the thread and unbind the queues (idempotent)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            self.loop.wake()
+            # run() drains at most a bounded burst before it sees the wake pipe.
+            thread.join(STOP_TIMEOUT_S * 2)
+            if thread.is_alive():
+                # Only the twin's binding can be stuck draining a saturated queue;
+                # unbinding ends that (the compiled loop refuses while running).
+                try:
+                    self.loop.close()
+                except RuntimeError:
+                    log.error("NFQUEUE thread did not stop; leaving the queues bound")
+                    self.pps = 0.0
+                    return
+                thread.join(STOP_TIMEOUT_S)
+        self.loop.close()
+        self.pps = 0.0
+
+    def queue_stats(self) -> dict[int, QueueStats]:
+        """Kernel counters of our queues (all of them, bound or not)."""
+        stats = self._stats()
+        return {n: stats[n] for n in self.queue_nums if n in stats}
+
+
 class NfqueueCollector(Collector):
     """``kubeproxy_nfqueue_*``: read from the handler and the kernel at scrape time.
 
@@ -397,11 +565,12 @@ class NfqueueCollector(Collector):
     keeps plain integers and this collector reads them.
     """
 
-    def __init__(self, handler: QueueHandler) -> None:
+    def __init__(self, handler: QueueHandler | LoopHandler) -> None:
         self.handler = handler
 
     def collect(self) -> Iterable[Any]:
         h = self.handler
+        h.refresh()
         packets = CounterMetricFamily(
             "kubeproxy_nfqueue_packets", "Packets given a verdict by the NFQUEUE handler"
         )
