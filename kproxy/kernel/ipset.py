@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import socket
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
 from kproxy.kernel.handle import SocketHandle
+from kproxy.kernel.ipvs_batch import AckedSender
 
 __all__ = [
     "ERR_EXIST",
@@ -54,6 +56,7 @@ __all__ = [
     "SET_TYPES",
     "Family",
     "Ipset",
+    "IpsetBatchResult",
     "IpsetError",
     "IpsetVerbs",
     "SetInfo",
@@ -134,7 +137,28 @@ class IpsetVerbs(Protocol):
     def add_entry(self, name: str, entry: str) -> None: ...
     def delete_entry(self, name: str, entry: str) -> None: ...
     def sync_entries(self, name: str, desired: Iterable[str]) -> tuple[set[str], set[str]]: ...
+    def add_entries(self, name: str, entries: Iterable[str]) -> IpsetBatchResult: ...
+    def delete_entries(self, name: str, entries: Iterable[str]) -> IpsetBatchResult: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IpsetBatchResult:
+    """What one batch verb did: the canonical entries that took effect, one
+    :class:`IpsetError` per entry the kernel refused, and the netlink traffic."""
+
+    done: frozenset[str]
+    failures: tuple[IpsetError, ...] = ()
+    messages: int = 0
+    round_trips: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        if self.failures:
+            raise self.failures[0]
 
 
 # --- entry strings --------------------------------------------------------------------
@@ -241,6 +265,67 @@ def _entry_from_data(set_type: SetType, data: Any) -> str:
     return f"{head},{second}/{int(data.get_attr('IPSET_ATTR_CIDR2'))}"
 
 
+# --- hand-encoded ADD/DEL requests (the batch verbs) ------------------------------------
+# pyroute2 encodes one message per call through its generic NLA machinery and waits
+# for its ack; the batch verbs pack the requests themselves (uapi ipset.h layout).
+
+_NETLINK_NETFILTER: Final = 12
+_NFNL_SUBSYS_IPSET: Final = 6
+_IPSET_CMD_ADD: Final = 9
+_IPSET_CMD_DEL: Final = 10
+_IPSET_PROTOCOL: Final = 6  # the kernel accepts 6..7; pyroute2 sends 6
+_NLM_F_REQUEST: Final = 0x1
+_NLM_F_ACK: Final = 0x4
+_NLM_F_EXCL: Final = 0x200  # without it the kernel applies ``-exist``
+_NLA_F_NESTED: Final = 0x8000
+_NLA_F_NET_BYTEORDER: Final = 0x4000
+_A_PROTOCOL, _A_SETNAME, _A_DATA = 1, 2, 7
+_A_IP, _A_PORT, _A_PROTO, _A_IP2, _A_CIDR2 = 1, 4, 7, 20, 21
+_A_IPADDR_IPV4, _A_IPADDR_IPV6 = 1, 2
+_HDR: Final = struct.Struct("=IHHII")
+_NFGEN: Final = struct.Struct("=BBH")
+_NLA: Final = struct.Struct("=HH")
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    size = _NLA.size + len(payload)
+    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def _nla_ip(kind: int, addr: IPv4Address | IPv6Address) -> bytes:
+    inner = _A_IPADDR_IPV4 if addr.version == 4 else _A_IPADDR_IPV6
+    return _nla(kind | _NLA_F_NESTED, _nla(inner | _NLA_F_NET_BYTEORDER, addr.packed))
+
+
+def _data_attrs(set_type: SetType, parsed: _Parsed) -> bytes:
+    if set_type == "bitmap:port":
+        return _nla(_A_PORT | _NLA_F_NET_BYTEORDER, struct.pack(">H", parsed[0]))
+    out = _nla_ip(_A_IP, parsed[0])
+    if set_type == "hash:ip":
+        return out
+    out += _nla(_A_PORT | _NLA_F_NET_BYTEORDER, struct.pack(">H", parsed[2]))
+    out += _nla(_A_PROTO, bytes((_PROTO_NUM[parsed[1]],)))
+    if set_type == "hash:ip,port,ip":
+        out += _nla_ip(_A_IP2, parsed[3])
+    elif set_type == "hash:ip,port,net":
+        out += _nla_ip(_A_IP2, parsed[3].network_address)
+        out += _nla(_A_CIDR2, bytes((parsed[3].prefixlen,)))
+    return out
+
+
+def encode_adt(
+    cmd: int, name: str, info: SetInfo, parsed: _Parsed, seq: int, exclusive: bool
+) -> bytes:
+    """One IPSET_CMD_ADD/DEL request for one entry (with ``NLM_F_ACK``)."""
+    head = _nla(_A_PROTOCOL, bytes((_IPSET_PROTOCOL,))) + _nla(_A_SETNAME, name.encode() + b"\0")
+    body = head + _nla(_A_DATA | _NLA_F_NESTED, _data_attrs(info.type, parsed))
+    flags = _NLM_F_REQUEST | _NLM_F_ACK | (_NLM_F_EXCL if exclusive else 0)
+    af = _AF[info.family] if info.family else socket.AF_INET
+    size = _HDR.size + _NFGEN.size + len(body)
+    kind = (_NFNL_SUBSYS_IPSET << 8) | cmd
+    return _HDR.pack(size, kind, flags, seq, 0) + _NFGEN.pack(af, 0, 0) + body
+
+
 # --- the handle -----------------------------------------------------------------------
 
 
@@ -257,6 +342,25 @@ class Ipset(SocketHandle):
             raise IpsetError("open", None, None, e.code, "no ip_set netlink subsystem?") from e
         except OSError as e:
             raise IpsetError("open", None, None, e.errno or 0, str(e)) from e
+        try:
+            self._batch = AckedSender(_NETLINK_NETFILTER)
+        except OSError as e:
+            self._sock.close()
+            raise IpsetError("open", None, None, e.errno or 0, str(e)) from e
+
+    @property
+    def messages_sent(self) -> int:
+        """Requests sent by the batch verbs over the handle's life."""
+        return self._batch.messages_sent
+
+    @property
+    def round_trips(self) -> int:
+        return self._batch.round_trips
+
+    def close(self) -> None:
+        if not self._closed:
+            self._batch.close()
+        super().close()
 
     def _call(
         self, verb: str, name: str | None, entry: str | None, fn: Any, *a: Any, **kw: Any
@@ -360,20 +464,65 @@ class Ipset(SocketHandle):
         )  # fmt: skip
 
     def sync_entries(self, name: str, desired: Iterable[str]) -> tuple[set[str], set[str]]:
-        """Make ``name`` hold exactly ``desired``: one dump, then one request per difference.
+        """Make ``name`` hold exactly ``desired``: one dump, then the difference in batches.
 
         Returns the canonical entries (added, removed).  Deletions go first, so a
-        full set (maxelem) makes room before it grows.
+        full set (maxelem) makes room before it grows.  Every difference is tried;
+        the first refused one is raised afterwards.
         """
         info = self._set_info("sync", name, None)
         want = canonical_entries("sync", name, info, desired)
         have = self.list_entries(name)
         added, removed = want - have, have - want
-        for entry in sorted(removed):
-            self.delete_entry(name, entry)
-        for entry in sorted(added):
-            self.add_entry(name, entry)
+        self.delete_entries(name, sorted(removed)).raise_for_failures()
+        self.add_entries(name, sorted(added)).raise_for_failures()
         return added, removed
+
+    def add_entries(self, name: str, entries: Iterable[str]) -> IpsetBatchResult:
+        """Add every entry (``-exist``), many requests per round trip.
+
+        Every entry is validated before anything is sent (a malformed one raises
+        and changes nothing); the kernel's refusals come back per entry.
+        """
+        return self._batch_adt("add", _IPSET_CMD_ADD, name, entries, exclusive=False)
+
+    def delete_entries(self, name: str, entries: Iterable[str]) -> IpsetBatchResult:
+        """Remove every entry; one that is not there fails alone with :data:`ERR_EXIST`."""
+        return self._batch_adt("delete", _IPSET_CMD_DEL, name, entries, exclusive=True)
+
+    def _batch_adt(
+        self, verb: str, cmd: int, name: str, entries: Iterable[str], *, exclusive: bool
+    ) -> IpsetBatchResult:
+        self._call(verb, name, None, lambda: None)  # closed / wrong-thread checks
+        info = self._set_info(verb, name, None)
+        parsed: dict[str, _Parsed] = {}
+        for entry in entries:
+            try:
+                p = parse_entry(info.type, entry, info.family)
+            except ValueError as e:
+                raise IpsetError(verb, name, entry, errno_mod.EINVAL, str(e)) from e
+            parsed.setdefault(format_entry(info.type, p), p)
+        by_seq: dict[int, str] = {}
+        requests: list[tuple[int, bytes]] = []
+        for text, p in parsed.items():
+            seq = self._batch.next_seq()
+            by_seq[seq] = text
+            requests.append((seq, encode_adt(cmd, name, info, p, seq, exclusive)))
+        sent0, trips0 = self._batch.messages_sent, self._batch.round_trips
+        try:
+            failed = self._batch.send(requests)
+        except TimeoutError as e:
+            raise IpsetError(verb, name, None, errno_mod.ETIMEDOUT, "no answer") from e
+        except OSError as e:  # ENOBUFS: the kernel dropped acks
+            raise IpsetError(verb, name, None, e.errno or 0, str(e)) from e
+        failures = tuple(IpsetError(verb, name, by_seq[s], code) for s, code in failed.items())
+        refused = {f.entry for f in failures}
+        return IpsetBatchResult(
+            done=frozenset(t for t in parsed if t not in refused),
+            failures=failures,
+            messages=self._batch.messages_sent - sent0,
+            round_trips=self._batch.round_trips - trips0,
+        )
 
 
 def canonical_entries(verb: str, name: str, info: SetInfo, entries: Iterable[str]) -> set[str]:

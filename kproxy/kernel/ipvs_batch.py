@@ -65,6 +65,7 @@ from kproxy.kernel.ipvs import (
 __all__ = [
     "CHUNK_BYTES",
     "CHUNK_MESSAGES",
+    "AckedSender",
     "ApplyResult",
     "IpvsBatch",
     "IpvsBatchError",
@@ -366,7 +367,7 @@ def _dest_from(nested: memoryview, service_family: int) -> RealServer:
     )
 
 
-def _messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+def _messages(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
     """(type, flags, seq, payload start, end) of each netlink message in ``data``."""
     offset = 0
     while offset + _HDR.size <= len(data):
@@ -554,6 +555,85 @@ class IpvsBatch(SocketHandle):
                 if code:
                     failures.append(OpFailure(op, code))
         return failures
+
+
+# --- acked requests over any netlink protocol ---------------------------------------------
+
+
+class AckedSender:
+    """A plain blocking netlink socket that sends acked requests in chunks.
+
+    The same mechanism as :meth:`IpvsBatch.apply`, for other protocols
+    (``NETLINK_NETFILTER`` for ipset, ``NETLINK_ROUTE`` for addresses): many
+    requests per ``sendmsg``, bounded so that the acks fit the receive buffer,
+    and every ack collected by sequence number.  Errors are :class:`OSError`
+    (the callers wrap them in their own error type).
+    """
+
+    def __init__(
+        self,
+        protocol: int,
+        chunk_messages: int = CHUNK_MESSAGES,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.chunk_messages = chunk_messages
+        self.chunk_bytes = chunk_bytes
+        self.messages_sent = 0
+        self.round_trips = 0
+        self._seq = 0
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+            sock.bind((0, 0))
+            sock.settimeout(_TIMEOUT_S)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._buf = bytearray(_RECV_BYTES)
+
+    def next_seq(self) -> int:
+        self._seq = (self._seq % 0x7FFFFFFF) + 1
+        return self._seq
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def send(self, requests: Iterable[tuple[int, bytes]]) -> dict[int, int]:
+        """Send ``(seq, message)`` pairs (each with ``NLM_F_ACK``); the errno of each
+        refused one by seq (a missing seq was acked with 0)."""
+        failed: dict[int, int] = {}
+        chunk: list[int] = []
+        data: list[bytes] = []
+        size = 0
+        for seq, msg in requests:
+            if chunk and (len(chunk) >= self.chunk_messages or size + len(msg) > self.chunk_bytes):
+                self._flush(chunk, data, failed)
+                chunk, data, size = [], [], 0
+            chunk.append(seq)
+            data.append(msg)
+            size += len(msg)
+        if chunk:
+            self._flush(chunk, data, failed)
+        return failed
+
+    def _flush(self, chunk: list[int], data: list[bytes], failed: dict[int, int]) -> None:
+        self._sock.send(b"".join(data))
+        self.messages_sent += len(chunk)
+        self.round_trips += 1
+        pending = set(chunk)
+        while pending:
+            n = self._sock.recv_into(self._buf)
+            reply = memoryview(self._buf)[:n]
+            for kind, _flags, seq, start, _end in _messages(reply):
+                if kind != _NLMSG_ERROR or seq not in pending:
+                    continue
+                pending.discard(seq)
+                code = -struct.unpack_from("=i", reply, start)[0]
+                if code:
+                    failed[seq] = code
 
 
 # --- one request at a time, over any IpvsVerbs -------------------------------------------

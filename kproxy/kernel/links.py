@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import errno as errno_mod
 import socket
+import struct
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Final, Literal, Protocol
 
@@ -33,8 +36,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
 from kproxy.kernel.handle import SocketHandle
+from kproxy.kernel.ipvs_batch import AckedSender
 
-__all__ = ["DUMMY_LINK", "Family", "Links", "LinksError", "LinksVerbs"]
+__all__ = ["DUMMY_LINK", "Family", "Links", "LinksBatchResult", "LinksError", "LinksVerbs"]
 
 DUMMY_LINK: Final = "kube-ipvs0"
 Family = Literal["ipv4", "ipv6"]
@@ -89,7 +93,78 @@ class LinksVerbs(Protocol):
     def add_address(self, address: IPAddress) -> bool: ...
     def delete_address(self, address: IPAddress) -> bool: ...
     def local_addresses(self, family: Family) -> set[IPAddress]: ...
+    def add_addresses(self, addresses: Iterable[IPAddress]) -> LinksBatchResult: ...
+    def delete_addresses(self, addresses: Iterable[IPAddress]) -> LinksBatchResult: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinksBatchResult:
+    """What one batch address verb did: the addresses it changed (bound / unbound;
+    already bound / not bound ones are neither changed nor failed), one
+    :class:`LinksError` per refused address, and the netlink traffic."""
+
+    changed: frozenset[IPAddress]
+    failures: tuple[LinksError, ...] = ()
+    messages: int = 0
+    round_trips: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        if self.failures:
+            raise self.failures[0]
+
+
+# Hand-encoded RTM_NEWADDR/RTM_DELADDR for the batch verbs (uapi if_addr.h).
+_RTM_NEWADDR: Final = 20
+_RTM_DELADDR: Final = 21
+_NLM_F_REQUEST_ACK: Final = 0x1 | 0x4
+_NLM_F_CREATE_EXCL: Final = 0x400 | 0x200
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_HDR: Final = struct.Struct("=IHHII")
+_IFADDR: Final = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_NLA: Final = struct.Struct("=HH")
+_UNBOUND: Final = (errno_mod.EADDRNOTAVAIL, errno_mod.ENXIO, errno_mod.ENOENT)
+
+
+def encode_address(cmd: int, index: int, address: IPAddress, seq: int) -> bytes:
+    """One RTM_NEWADDR (create, exclusive) or RTM_DELADDR of a host address, acked."""
+    raw = address.packed
+    nla = _NLA.pack(4 + len(raw), _IFA_LOCAL) + raw + _NLA.pack(4 + len(raw), _IFA_ADDRESS) + raw
+    af = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    body = _IFADDR.pack(af, host_prefixlen(address), 0, 0, index) + nla
+    flags = _NLM_F_REQUEST_ACK | (_NLM_F_CREATE_EXCL if cmd == _RTM_NEWADDR else 0)
+    return _HDR.pack(_HDR.size + len(body), cmd, flags, seq, 0) + body
+
+
+def _sender_in(netns: str | None) -> AckedSender:
+    """A NETLINK_ROUTE sender in ``netns`` (None: ours).  The socket is made by a
+    short-lived thread that enters the namespace: only that thread moves, and a
+    socket keeps the namespace it was created in."""
+    if netns is None:
+        return AckedSender(socket.NETLINK_ROUTE)
+    out: list[AckedSender | BaseException] = []
+
+    def make() -> None:
+        try:
+            from pyroute2.netns import setns
+
+            setns(netns, flags=0)  # never create: the namespace must exist
+            out.append(AckedSender(socket.NETLINK_ROUTE))
+        except BaseException as e:  # re-raised in the caller
+            out.append(e)
+
+    t = threading.Thread(target=make, name="links-netns-socket")
+    t.start()
+    t.join(timeout=30)
+    if not out:
+        raise TimeoutError("could not open a socket in the namespace")
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 class Links(SocketHandle):
@@ -107,6 +182,26 @@ class Links(SocketHandle):
             raise LinksError("open", name, None, e.errno or 0, str(e), netns) from e
         except (TimeoutError, RuntimeError) as e:  # the netns helper child failed
             raise LinksError("open", name, None, errno_mod.EIO, str(e), netns) from e
+        try:
+            self._batch = _sender_in(netns)
+        except (OSError, RuntimeError) as e:
+            self._sock.close()
+            code = e.errno if isinstance(e, OSError) and e.errno else errno_mod.EIO
+            raise LinksError("open", name, None, code, str(e), netns) from e
+
+    def close(self) -> None:
+        if not self._closed:
+            self._batch.close()
+        super().close()
+
+    @property
+    def messages_sent(self) -> int:
+        """Requests sent by the batch verbs over the handle's life."""
+        return self._batch.messages_sent
+
+    @property
+    def round_trips(self) -> int:
+        return self._batch.round_trips
 
     @property
     def name(self) -> str:
@@ -224,3 +319,53 @@ class Links(SocketHandle):
             if valid_local(addr):
                 out.add(addr)
         return out
+
+    # -- batch verbs ---------------------------------------------------------------
+    def add_addresses(self, addresses: Iterable[IPAddress]) -> LinksBatchResult:
+        """Bind every address, many requests per round trip; bound ones are no-ops."""
+        return self._batch_addr("add-address", _RTM_NEWADDR, addresses, (errno_mod.EEXIST,))
+
+    def delete_addresses(self, addresses: Iterable[IPAddress]) -> LinksBatchResult:
+        """Unbind every address, many requests per round trip; unbound ones are no-ops."""
+        return self._batch_addr("delete-address", _RTM_DELADDR, addresses, _UNBOUND)
+
+    def _batch_addr(
+        self, verb: str, cmd: int, addresses: Iterable[IPAddress], noop: tuple[int, ...]
+    ) -> LinksBatchResult:
+        todo = list(dict.fromkeys(addresses))
+        self._call(verb, None, lambda: None)  # closed / wrong-thread checks
+        sent0, trips0 = self._batch.messages_sent, self._batch.round_trips
+        failed = self._send_addr(verb, cmd, todo, self._require(verb, None))
+        if any(code == errno_mod.ENODEV for code in failed.values()):
+            # The link was re-created behind our back: look it up once and retry those.
+            self._index = None
+            again = [a for a, code in failed.items() if code == errno_mod.ENODEV]
+            for a in again:
+                del failed[a]
+            failed.update(self._send_addr(verb, cmd, again, self._require(verb, None)))
+        failures = tuple(
+            LinksError(verb, self._name, a, code, "", self.netns)
+            for a, code in failed.items()
+            if code not in noop
+        )
+        return LinksBatchResult(
+            changed=frozenset(a for a in todo if a not in failed),
+            failures=failures,
+            messages=self._batch.messages_sent - sent0,
+            round_trips=self._batch.round_trips - trips0,
+        )
+
+    def _send_addr(
+        self, verb: str, cmd: int, todo: list[IPAddress], index: int
+    ) -> dict[IPAddress, int]:
+        by_seq: dict[int, IPAddress] = {}
+        requests: list[tuple[int, bytes]] = []
+        for addr in todo:
+            seq = self._batch.next_seq()
+            by_seq[seq] = addr
+            requests.append((seq, encode_address(cmd, index, addr, seq)))
+        try:
+            failed = self._batch.send(requests)
+        except OSError as e:
+            raise LinksError(verb, self._name, None, e.errno or 0, str(e), self.netns) from e
+        return {by_seq[s]: code for s, code in failed.items()}

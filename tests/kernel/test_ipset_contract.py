@@ -25,6 +25,7 @@ from kproxy.kernel.fakes.ipset import FakeIpset
 from kproxy.kernel.ipset import (
     ERR_EXIST,
     Ipset,
+    IpsetBatchResult,
     IpsetError,
     IpsetVerbs,
     SetInfo,
@@ -94,6 +95,12 @@ class InNetns:
 
     def sync_entries(self, name: str, desired: Any) -> tuple[set[str], set[str]]:
         return self._call("sync_entries", name, list(desired))  # type: ignore[no-any-return]
+
+    def add_entries(self, name: str, entries: Any) -> IpsetBatchResult:
+        return self._call("add_entries", name, list(entries))  # type: ignore[no-any-return]
+
+    def delete_entries(self, name: str, entries: Any) -> IpsetBatchResult:
+        return self._call("delete_entries", name, list(entries))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         if self._closed:
@@ -248,6 +255,79 @@ def test_many_entries_list_in_one_dump(ipset: IpsetVerbs) -> None:
     added, _ = ipset.sync_entries("S", want)
     assert added == want
     assert ipset.list_entries("S") == want
+
+
+# --- the batch verbs ----------------------------------------------------------------------
+
+_BATCH_ENTRIES = {
+    "hash:ip": ["10.0.0.1", "10.0.0.2"],
+    "hash:ip,port": ["10.0.0.1,tcp:80", "10.0.0.1,UDP:53", "10.0.0.2,sctp:9"],
+    "hash:ip,port,ip": ["10.0.0.1,tcp:80,10.0.0.1", "10.0.0.2,udp:53,10.0.0.9"],
+    "hash:ip,port,net": ["1.2.3.4,tcp:80,10.1.2.3/8", "1.2.3.4,tcp:80,192.168.0.0/16"],
+    "bitmap:port": ["30080", "0", "65535"],
+}
+
+
+@pytest.mark.parametrize("set_type", sorted(_BATCH_ENTRIES))
+def test_batch_add_and_delete_every_type(ipset: IpsetVerbs, set_type: Any) -> None:
+    ipset.create("S", set_type)
+    entries = _BATCH_ENTRIES[set_type]
+    canon = {canonical_entry(set_type, e) for e in entries}
+    result = ipset.add_entries("S", entries)
+    assert result.ok and result.done == canon
+    assert (result.messages, result.round_trips) == (len(canon), 1)
+    assert ipset.list_entries("S") == canon
+    again = ipset.add_entries("S", entries)  # -exist: present entries are fine
+    assert again.ok and again.done == canon
+    first = sorted(canon)[0]
+    gone = ipset.delete_entries("S", [first])
+    assert gone.ok and gone.done == {first}
+    assert ipset.list_entries("S") == canon - {first}
+
+
+def test_batch_ipv6(ipset: IpsetVerbs) -> None:
+    ipset.create("S6", "hash:ip,port,net", "ipv6")
+    result = ipset.add_entries("S6", ["fd00::1,tcp:80,fd00:1::/64", "fd00::2,udp:53,fd00:2::/48"])
+    assert result.ok
+    assert ipset.list_entries("S6") == {"fd00::1,tcp:80,fd00:1::/64", "fd00::2,udp:53,fd00:2::/48"}
+
+
+def test_batch_delete_reports_missing_entries_one_by_one(ipset: IpsetVerbs) -> None:
+    ipset.create("S", "hash:ip,port")
+    ipset.add_entries("S", ["10.0.0.1,tcp:80", "10.0.0.2,tcp:80"]).raise_for_failures()
+    result = ipset.delete_entries("S", ["10.0.0.1,tcp:80", "10.0.0.3,tcp:80", "10.0.0.2,tcp:80"])
+    assert result.done == {"10.0.0.1,tcp:80", "10.0.0.2,tcp:80"}
+    assert [(f.entry, f.errno) for f in result.failures] == [("10.0.0.3,tcp:80", ERR_EXIST)]
+    assert ipset.list_entries("S") == set()  # the failure stopped nothing after it
+    with pytest.raises(IpsetError) as err:
+        result.raise_for_failures()
+    assert err.value.errno == ERR_EXIST
+
+
+def test_batch_is_chunked(ipset: IpsetVerbs) -> None:
+    ipset.create("S", "hash:ip,port")
+    want = {f"10.97.{i // 250}.{i % 250},tcp:{1000 + i}" for i in range(1000)}
+    result = ipset.add_entries("S", sorted(want))
+    assert result.ok and result.done == want
+    assert result.messages == 1000 and 1 < result.round_trips < 100
+    assert ipset.list_entries("S") == want
+    assert ipset.delete_entries("S", want).done == want
+    assert ipset.list_entries("S") == set()
+
+
+def test_batch_checks_every_entry_before_sending(ipset: IpsetVerbs) -> None:
+    ipset.create("S", "hash:ip,port")
+    ipset.create("S6", "hash:ip", "ipv6")
+    with pytest.raises(IpsetError) as err:
+        ipset.add_entries("S", ["10.0.0.1,tcp:80", "nonsense"])
+    assert (err.value.errno, err.value.entry) == (errno.EINVAL, "nonsense")
+    with pytest.raises(IpsetError) as err:
+        ipset.add_entries("S6", ["10.0.0.1"])
+    assert err.value.errno == errno.EINVAL
+    assert ipset.list_entries("S") == set()
+    with pytest.raises(IpsetError) as err:
+        ipset.add_entries("missing", ["10.0.0.1"])
+    assert err.value.errno == errno.ENOENT
 
 
 def test_destroy(ipset: IpsetVerbs) -> None:

@@ -133,6 +133,31 @@ def test_delete_link_takes_its_addresses(env: Env) -> None:
     assert links.list_addresses("ipv4") == set()
 
 
+def test_batch_address_verbs(env: Env) -> None:
+    links = env.links
+    links.ensure_link()
+    links.add_address(VIP)
+    many = [ip_address(f"10.97.{i // 250}.{i % 250 + 1}") for i in range(300)]
+    result = links.add_addresses([VIP, VIP2, VIP6, *many])
+    assert result.ok
+    assert result.changed == {VIP2, VIP6, *many}  # VIP was bound already: a no-op
+    assert result.messages == 303 and 1 < result.round_trips < 303
+    assert links.list_addresses("ipv4") == {VIP, VIP2, *many}
+    assert links.list_addresses("ipv6") == {VIP6}
+    gone = links.delete_addresses([VIP, VIP6, *many])
+    assert gone.ok and gone.changed == {VIP, VIP6, *many}
+    again = links.delete_addresses([VIP, VIP2])  # VIP is not bound any more: a no-op
+    assert again.ok and again.changed == {VIP2}
+    assert links.list_addresses("ipv4") == set()
+
+
+def test_batch_verbs_on_a_missing_link(env: Env) -> None:
+    for verb in (env.links.add_addresses, env.links.delete_addresses):
+        with pytest.raises(LinksError) as err:
+            verb([VIP])
+        assert err.value.errno == errno.ENODEV
+
+
 def test_closed_handle_errors(env: Env) -> None:
     env.links.close()
     with pytest.raises(LinksError) as err:
@@ -162,6 +187,21 @@ def test_address_verbs_on_an_existing_link_in_a_netns(netns: NetnsFactory) -> No
         assert links.list_addresses("ipv4") == set()
         assert links.delete_link() is True
         assert not links.link_exists()
+
+
+@pytest.mark.netns
+def test_batch_address_verbs_on_an_existing_link_in_a_netns(netns: NetnsFactory) -> None:
+    node = netns()
+    node.ip("link", "add", DUMMY_LINK, "type", "veth", "peer", "name", "kipvs-peer")
+    with Links(netns=node.name) as links:
+        result = links.add_addresses([VIP, VIP2, VIP6])
+        assert result.ok and result.changed == {VIP, VIP2, VIP6}
+        assert (result.messages, result.round_trips) == (3, 1)
+        assert links.add_addresses([VIP]).changed == set()
+        shown = node.ip("-o", "addr", "show", "dev", DUMMY_LINK).stdout
+        assert f"{VIP}/32" in shown and f"{VIP2}/32" in shown and f"{VIP6}/128" in shown
+        assert links.delete_addresses([VIP, VIP6]).changed == {VIP, VIP6}
+        assert links.list_addresses("ipv4") == {VIP2}
 
 
 @pytest.mark.netns

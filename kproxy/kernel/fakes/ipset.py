@@ -11,8 +11,9 @@ the kernel, held to it by ``tests/kernel/test_ipset_contract.py``:
 * more than ``maxelem`` members: ``IPSET_ERR_HASH_FULL`` is not modelled (kproxy
   never gets near 65536 per set in tests).
 
-It also counts the requests a real handle would send (``requests``), so callers
-can assert that a sync sends only the difference.
+It also counts the requests a real handle would send (``requests``; the batch
+verbs also ``messages_sent``/``round_trips``, chunked as the real handle), so
+callers can assert that a sync sends only the difference.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from kproxy.kernel.ipset import (
     ERR_EXIST,
     SET_TYPES,
     Family,
+    IpsetBatchResult,
     IpsetError,
     SetInfo,
     SetType,
     canonical_entries,
     canonical_entry,
 )
+from kproxy.kernel.ipvs_batch import CHUNK_MESSAGES
 
 __all__ = ["FakeIpset", "FakeIpsetState"]
 
@@ -51,6 +54,8 @@ class FakeIpset:
     def __init__(self, state: FakeIpsetState | None = None) -> None:
         self.state = state if state is not None else FakeIpsetState()
         self.requests = 0  # netlink requests a real handle would have sent
+        self.messages_sent = 0  # of the batch verbs
+        self.round_trips = 0
         self._closed = False
 
     def close(self) -> None:
@@ -141,3 +146,29 @@ class FakeIpset:
         for entry in sorted(added):
             self.add_entry(name, entry)
         return added, removed
+
+    def _batch(self, verb: str, name: str, entries: Iterable[str]) -> list[str]:
+        if self._closed:
+            raise IpsetError(verb, name, None, errno.EBADF, "handle is closed")
+        texts = list(dict.fromkeys(self._canonical(verb, name, e) for e in entries))
+        self.requests += len(texts)
+        self.messages_sent += len(texts)
+        self.round_trips += -(-len(texts) // CHUNK_MESSAGES)
+        return texts
+
+    def add_entries(self, name: str, entries: Iterable[str]) -> IpsetBatchResult:
+        texts = self._batch("add", name, entries)
+        self.state.members[name].update(texts)
+        return IpsetBatchResult(frozenset(texts), (), len(texts), -(-len(texts) // CHUNK_MESSAGES))
+
+    def delete_entries(self, name: str, entries: Iterable[str]) -> IpsetBatchResult:
+        texts = self._batch("delete", name, entries)
+        members = self.state.members[name]
+        missing = [t for t in texts if t not in members]
+        members.difference_update(texts)
+        return IpsetBatchResult(
+            frozenset(texts) - frozenset(missing),
+            tuple(IpsetError("delete", name, t, ERR_EXIST) for t in missing),
+            len(texts),
+            -(-len(texts) // CHUNK_MESSAGES),
+        )

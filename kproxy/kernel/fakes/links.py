@@ -15,11 +15,20 @@ have), and answers the verbs as the kernel does (held to it by
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from kproxy.kernel.links import DUMMY_LINK, Family, IPAddress, LinksError, valid_local
+from kproxy.kernel.ipvs_batch import CHUNK_MESSAGES
+from kproxy.kernel.links import (
+    DUMMY_LINK,
+    Family,
+    IPAddress,
+    LinksBatchResult,
+    LinksError,
+    valid_local,
+)
 
 __all__ = ["FakeLinks", "FakeLinksState"]
 
@@ -45,6 +54,8 @@ class FakeLinks:
         self._name = name
         self.state = state if state is not None else FakeLinksState()
         self._closed = False
+        self.messages_sent = 0  # of the batch verbs, chunked as the real handle
+        self.round_trips = 0
 
     @property
     def name(self) -> str:
@@ -113,3 +124,22 @@ class FakeLinks:
         return {
             a for a in self.state.node_addresses if a.version == _version(family) and valid_local(a)
         }
+
+    def _batch(self, verb: str, addresses: Iterable[IPAddress]) -> list[IPAddress]:
+        self._check(verb, None, link=True)
+        todo = list(dict.fromkeys(addresses))
+        self.messages_sent += len(todo)
+        self.round_trips += -(-len(todo) // CHUNK_MESSAGES)
+        return todo
+
+    def add_addresses(self, addresses: Iterable[IPAddress]) -> LinksBatchResult:
+        todo = self._batch("add-address", addresses)
+        changed = frozenset(a for a in todo if a not in self.state.addresses)
+        self.state.addresses |= changed
+        return LinksBatchResult(changed, (), len(todo), -(-len(todo) // CHUNK_MESSAGES))
+
+    def delete_addresses(self, addresses: Iterable[IPAddress]) -> LinksBatchResult:
+        todo = self._batch("delete-address", addresses)
+        changed = frozenset(a for a in todo if a in self.state.addresses)
+        self.state.addresses -= changed
+        return LinksBatchResult(changed, (), len(todo), -(-len(todo) // CHUNK_MESSAGES))

@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
@@ -51,7 +51,7 @@ from kproxy.proxy.core import Snapshot
 from kproxy.proxy.ipvs.graceful import DEFAULT_TIMEOUT, GracefulTermination, needs_draining
 from kproxy.proxy.ipvs.ipsets import SET_INFO, kernel_set_name
 from kproxy.proxy.ipvs.options import IpvsOptions, sysctls
-from kproxy.proxy.ipvs.plan import IpvsPlan, plan_ipvs
+from kproxy.proxy.ipvs.plan import IpvsPlan, IpvsPlanner, PlanDelta, PlannedServer
 from kproxy.proxy.ipvs.rules import FILTER_CHAINS, JUMP_RULES, NAT_CHAINS
 from kproxy.proxy.metrics import ProxyMetrics
 from kproxy.proxy.mode import SyncResult
@@ -145,7 +145,12 @@ class IpvsMode:
         self._sets: dict[str, set[str]] | None = None
         self._bound: set[IPAddress] | None = None
         self.last_stats = IpvsSyncStats()
-        self.last_plan: IpvsPlan | None = None
+        self.planner = IpvsPlanner()
+
+    @property
+    def last_plan(self) -> IpvsPlan | None:
+        """The whole plan of the last sync (materialized on demand: O(N log N))."""
+        return self.planner.plan() if self.planner.options is not None else None
 
     @property
     def name(self) -> str:
@@ -183,46 +188,61 @@ class IpvsMode:
                 self._start()
             if full:
                 self._refresh_node_ips()
-            plan = plan_ipvs(snapshot.services, snapshot.endpoints, self.options)
-            self.last_plan = plan
+            planner = self.planner
+            delta = planner.update(
+                snapshot.services,
+                snapshot.endpoints,
+                self.options,
+                None if full else snapshot.changed,
+            )
             stats.timings["plan"] = time.perf_counter() - t
             t = time.perf_counter()
             if full or self._kernel is None or self._clock() - self._read_at >= self.verify_period:
                 self._read_kernel(full)
                 stats.kernel_read = True
+            # After a read the kernel may differ anywhere: diff everything against it.
+            whole = stats.kernel_read or delta.full
             stats.timings["read"] = time.perf_counter() - t
             t = time.perf_counter()
-            self._sync_ipsets(plan, stats)
+            self._sync_ipsets(delta, whole, stats)
             stats.timings["ipsets"] = time.perf_counter() - t
             t = time.perf_counter()
-            ops = self._ipvs_ops(plan, stats)
+            ops = self._ipvs_ops(planner.servers, None if whole else delta.servers, stats)
             applied = self.ipvs.apply(ops) if ops else ApplyResult(0, 0)
             stats.ops, stats.messages, stats.round_trips = tuple(ops), *_counts(applied)
             self._after_apply(ops, applied)
             stats.timings["ipvs"] = time.perf_counter() - t
             t = time.perf_counter()
             assert self._bound is not None
-            want = set(plan.bind_addresses)
-            for addr in sorted(want - self._bound, key=int):
-                self.links.add_address(addr)
-                stats.bound += 1
-            self._bound |= want
+            if whole:
+                bind = set(planner.bind_addresses) - self._bound
+                unbind = self._bound - set(planner.bind_addresses)
+            else:
+                bind = delta.bind_added - self._bound
+                unbind = delta.bind_removed & self._bound
+            if bind:
+                bound = self.links.add_addresses(sorted(bind, key=int))
+                self._bound |= bind - {f.address for f in bound.failures}
+                stats.bound += len(bound.changed)
+                bound.raise_for_failures()
             if full:
                 self.ensure_jumps()
+            restore = planner.restore()
         except _SYNC_ERRORS as e:
             log.error("ipvs %s sync failed: %s", "full" if full else "partial", e)
             return self._failed(full, str(e), restore=False)
         try:
-            self.ipt.restore(plan.restore, noflush=True, counters=True)
+            self.ipt.restore(restore.text, noflush=True, counters=True)
             stats.restores = 1
         except IptablesError as e:
             log.error("iptables-restore failed (%s sync): %s", "full" if full else "partial", e)
             return self._failed(full, str(e), restore=True)
         try:
-            for addr in sorted(self._bound - want, key=int):
-                self.links.delete_address(addr)
-                stats.unbound += 1
-            self._bound = want
+            if unbind:
+                unbound = self.links.delete_addresses(sorted(unbind, key=int))
+                self._bound -= unbind - {f.address for f in unbound.failures}
+                stats.unbound += len(unbound.changed)
+                unbound.raise_for_failures()
         except LinksError as e:
             log.error("cannot unbind an address from %s: %s", self.links.name, e)
             return self._failed(full, str(e), restore=False)
@@ -232,7 +252,7 @@ class IpvsMode:
             log.error("ipvs: %d operation(s) failed: %s", len(applied.failures), error)
             return self._failed(full, f"ipvs: {error}", restore=False)
         self.need_full = False
-        return self._record(plan, full)
+        return self._record(full)
 
     def _start(self) -> None:
         """Upstream's NewProxier kernel settings, once (a failure retries next sync)."""
@@ -267,43 +287,88 @@ class IpvsMode:
             self._sets = None
         self._read_at = self._clock()
 
-    def _sync_ipsets(self, plan: IpvsPlan, stats: IpvsSyncStats) -> None:
+    def _sync_ipsets(self, delta: PlanDelta, whole: bool, stats: IpvsSyncStats) -> None:
+        """Sets by difference, in batches: against the kept model of the sets (or, when
+        it is unknown, a dump of each); a partial sync only touches ``delta``'s sets."""
+        planner = self.planner
         known = self._sets
+        ipv6 = self.options.ipv6
         if known is None:
             fam: Literal["ipv4", "ipv6"] = self._link_family
-            for s in plan.ipsets:
-                set_type: Any = s.set_type
-                self.ipset.create(s.name, set_type, fam)
+            for info in SET_INFO:
+                set_type: Any = info.set_type
+                self.ipset.create(kernel_set_name(info.name, ipv6), set_type, fam)
+        if known is not None and not whole:
+            for info in SET_INFO:
+                gone = delta.entries_removed.get(info.name)
+                new = delta.entries_added.get(info.name)
+                if gone or new:
+                    name = kernel_set_name(info.name, ipv6)
+                    self._apply_entries(
+                        name,
+                        known[name],
+                        {str(e) for e in new or ()},
+                        {str(e) for e in gone or ()},
+                        stats,
+                    )
+            return
         out: dict[str, set[str]] = {}
-        for s in plan.ipsets:
-            want = {str(e) for e in s.entries}
-            have = None if known is None else known.get(s.name)
+        for info in SET_INFO:
+            name = kernel_set_name(info.name, ipv6)
+            want = {str(e) for e in planner.entries(info.name)}
+            have = None if known is None else known.get(name)
             if have is None:
-                added, removed = self.ipset.sync_entries(s.name, want)
+                added, removed = self.ipset.sync_entries(name, want)
                 stats.ipset_added += len(added)
                 stats.ipset_removed += len(removed)
+                out[name] = want
             elif have != want:
-                for entry in sorted(have - want):
-                    self.ipset.delete_entry(s.name, entry)
-                    stats.ipset_removed += 1
-                for entry in sorted(want - have):
-                    self.ipset.add_entry(s.name, entry)
-                    stats.ipset_added += 1
-            out[s.name] = want
+                self._apply_entries(name, have, want - have, have - want, stats)
+                out[name] = have
+            else:
+                out[name] = have
             # Recorded per set: a failure later in the loop keeps what did apply.
             self._sets = {**(known or {}), **out}
 
-    def _ipvs_ops(self, plan: IpvsPlan, stats: IpvsSyncStats) -> list[IpvsOp]:
+    def _apply_entries(
+        self, name: str, have: set[str], add: set[str], remove: set[str], stats: IpvsSyncStats
+    ) -> None:
+        """Batched delete then add; ``have`` (the kept model) follows what took effect."""
+        if remove:
+            result = self.ipset.delete_entries(name, sorted(remove))
+            have -= remove - {f.entry for f in result.failures}
+            stats.ipset_removed += len(result.done)
+            result.raise_for_failures()
+        if add:
+            result = self.ipset.add_entries(name, sorted(add))
+            have |= result.done
+            stats.ipset_added += len(result.done)
+            result.raise_for_failures()
+
+    def _ipvs_ops(
+        self,
+        desired: Mapping[Any, PlannedServer],
+        keys: Iterable[Any] | None,
+        stats: IpvsSyncStats,
+    ) -> list[IpvsOp]:
+        """The operations that bring the kernel model to ``desired``: for every key
+        (``keys`` None) or only for ``keys``, the servers the last update changed."""
         kernel = self._kernel
         assert kernel is not None
         ops: list[IpvsOp] = []
         removed: dict[Any, tuple[VirtualServer, list[RealServer]]] = {}
-        desired = {p.server.key: p for p in plan.servers}
-        for key, (kvs, _) in kernel.items():
-            if key not in desired and plan.may_delete(kvs):
+        if keys is None:
+            stale = [key for key in kernel if key not in desired]
+            todo: Iterable[tuple[Any, PlannedServer]] = desired.items()
+        else:
+            stale = [key for key in keys if key not in desired and key in kernel]
+            todo = [(key, desired[key]) for key in keys if key in desired]
+        for key in stale:
+            kvs = kernel[key][0]
+            if self.planner.may_delete(kvs):
                 ops.append(IpvsOp.delete_service(kvs))
                 self.graceful.forget_service(key)
-        for key, planned in desired.items():
+        for key, planned in todo:
             vs = planned.server
             have = kernel.get(key)
             if have is None:
@@ -374,19 +439,17 @@ class IpvsMode:
             self.ipt.ensure_chain(jump.table, jump.chain)
             self.ipt.ensure_rule(RulePosition.PREPEND, jump.table, jump.source, jump.rule_args())
 
-    def _record(self, plan: IpvsPlan, full: bool) -> SyncResult:
+    def _record(self, full: bool) -> SyncResult:
         m, fam = self.metrics, self.family
-        rules = {"filter": plan.filter_rules, "nat": plan.nat_rules}
+        restore = self.planner.restore()
+        n_int, n_ext = self.planner.no_local_endpoints
+        rules = {"filter": restore.filter_rules, "nat": restore.nat_rules}
         if m is not None:
             for table, n in rules.items():
                 m.iptables_last.labels(table=table, ip_family=fam).set(n)
                 m.iptables_total.labels(table=table, ip_family=fam).set(n)
-            m.no_local_endpoints.labels(traffic_policy="internal", ip_family=fam).set(
-                plan.no_local_endpoints_internal
-            )
-            m.no_local_endpoints.labels(traffic_policy="external", ip_family=fam).set(
-                plan.no_local_endpoints_external
-            )
+            m.no_local_endpoints.labels(traffic_policy="internal", ip_family=fam).set(n_int)
+            m.no_local_endpoints.labels(traffic_policy="external", ip_family=fam).set(n_ext)
         return SyncResult(full=full, ok=True, rules_written=rules, rules_total=rules)
 
     def _failed(self, full: bool, error: str, *, restore: bool) -> SyncResult:

@@ -28,10 +28,14 @@ in that order wins, as the later sync wins upstream, and a warning is logged.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import socket
+from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any
 
 from kproxy.kernel.ipvs import (
     ForwardingMethod,
@@ -43,17 +47,18 @@ from kproxy.kernel.ipvs import (
 from kproxy.proxy.ipvs import ipsets as s
 from kproxy.proxy.ipvs.ipsets import SET_INFO, IPSet, IPSetEntry
 from kproxy.proxy.ipvs.options import IpvsOptions, sysctls
-from kproxy.proxy.ipvs.rules import JUMP_RULES, JumpRule, restore_text
+from kproxy.proxy.ipvs.rules import JUMP_RULES, JumpRule, RestoreText, restore_text
 from kproxy.proxy.topology import categorize_endpoints
 from kproxy.proxy.types import (
     EndpointInfo,
     IPAddress,
     IPNetwork,
+    NamespacedName,
     ServicePortInfo,
     ServicePortName,
 )
 
-__all__ = ["DUMMY_DEVICE", "IpvsPlan", "PlannedServer", "plan_ipvs"]
+__all__ = ["DUMMY_DEVICE", "IpvsPlan", "IpvsPlanner", "PlanDelta", "PlannedServer", "plan_ipvs"]
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +164,34 @@ def _ipvsadm_lines(planned: PlannedServer) -> list[str]:
     return lines
 
 
-class _Builder:
-    """The mutable state of one planning pass (upstream's per-sync locals)."""
+@functools.lru_cache(maxsize=1 << 17)
+def _real_server(ip: str, port: int) -> RealServer:
+    # Parsing addresses was most of a full plan's time: inet_pton + the packed
+    # constructor is several times faster than ipaddress' parser, and the cache
+    # spares unchanged endpoints the work on the next full replan.
+    try:
+        address: IPAddress = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, ip))
+    except OSError:
+        address = ipaddress.ip_address(ip)
+    return RealServer(address, port)
 
-    def __init__(self, options: IpvsOptions) -> None:
+
+class _PieceBuilder:
+    """The mutable state of planning one service port (upstream's loop body)."""
+
+    def __init__(self, spn: ServicePortName, options: IpvsOptions, labels: dict[str, str]) -> None:
+        self.spn = spn
         self.o = options
-        self.labels = dict(options.topology_labels)
-        self.entries: dict[str, set[IPSetEntry]] = {info.name: set() for info in SET_INFO}
+        self.labels = labels
+        self.entries: dict[tuple[str, IPSetEntry], None] = {}  # ordered, de-duplicated
         self.servers: dict[VsKey, PlannedServer] = {}
-        self.bind: set[IPAddress] = set()
-        self.no_local_internal: set[str] = set()
-        self.no_local_external: set[str] = set()
+        self.bind: dict[IPAddress, None] = {}
+        self.no_local_internal = False
+        self.no_local_external = False
         self.lb_no_node_access: list[IPSetEntry] = []
 
     def add(self, name: str, entry: IPSetEntry) -> None:
-        self.entries[name].add(entry)
+        self.entries[(name, entry)] = None
 
     def virtual_server(self, address: IPAddress, port: int, svc: ServicePortInfo) -> VirtualServer:
         flags = ServiceFlags.NONE
@@ -188,11 +206,7 @@ class _Builder:
         )
 
     def real_servers(
-        self,
-        spn: ServicePortName,
-        svc: ServicePortInfo,
-        endpoints: Sequence[EndpointInfo],
-        only_local: bool,
+        self, svc: ServicePortInfo, endpoints: Sequence[EndpointInfo], only_local: bool
     ) -> tuple[RealServer, ...]:
         cat = categorize_endpoints(
             endpoints,
@@ -209,34 +223,434 @@ class _Builder:
                 # Let local pods reach the service even with no local endpoint;
                 # off-node clients get replies from the pod IP and drop them.
                 chosen = cat.cluster
-                name = str(spn.service)
                 if cat.has_any and svc.internal_policy_local:
-                    self.no_local_internal.add(name)
+                    self.no_local_internal = True
                 if cat.has_any and svc.external_policy_local:
-                    self.no_local_external.add(name)
+                    self.no_local_external = True
         seen: dict[str, RealServer] = {}
         for ep in chosen:
             if ep.endpoint not in seen:
-                seen[ep.endpoint] = RealServer(ipaddress.ip_address(ep.ip), ep.port)
+                seen[ep.endpoint] = _real_server(ep.ip, ep.port)
         return tuple(seen.values())
 
-    def server(
-        self,
-        vs: VirtualServer,
-        spn: ServicePortName,
-        kind: str,
-        destinations: tuple[RealServer, ...],
-    ) -> None:
-        old = self.servers.get(vs.key)
-        if old is not None and old.service != spn:
-            log.warning(
-                "virtual server %s is claimed by %s and %s; using %s",
-                vs,
-                old.service,
-                spn,
-                spn,
+    def server(self, vs: VirtualServer, kind: str, destinations: tuple[RealServer, ...]) -> None:
+        # Within one service port the later kind wins silently, as upstream's loop.
+        self.servers[vs.key] = PlannedServer(vs, destinations, self.spn, kind)
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """What one service port contributes to the plan (a pure function of its inputs)."""
+
+    svc: ServicePortInfo
+    eps: Sequence[EndpointInfo]
+    servers: tuple[PlannedServer, ...]  # distinct keys
+    entries: tuple[tuple[str, IPSetEntry], ...]  # distinct, KUBE-IPVS-IPS included
+    bind: tuple[IPAddress, ...]  # distinct
+    lb_no_node_access: tuple[IPSetEntry, ...]
+    no_local_internal: bool
+    no_local_external: bool
+
+
+def _plan_piece(
+    spn: ServicePortName,
+    svc: ServicePortInfo,
+    eps: Sequence[EndpointInfo],
+    o: IpvsOptions,
+    labels: dict[str, str],
+    node_ips: tuple[IPAddress, ...],
+) -> _Piece:
+    """One iteration of upstream's per-service-port loop, without its neighbours."""
+    b = _PieceBuilder(spn, o, labels)
+    proto = svc.protocol.lower()
+    port = svc.port
+    _fill_piece(b, svc, eps, proto, port, node_ips)
+    for addr in b.bind:
+        b.add(s.IPVS_IPS, IPSetEntry(s.HASH_IP, str(addr)))
+    return _Piece(
+        svc=svc,
+        eps=eps,
+        servers=tuple(b.servers.values()),
+        entries=tuple(b.entries),
+        bind=tuple(b.bind),
+        lb_no_node_access=tuple(b.lb_no_node_access),
+        no_local_internal=b.no_local_internal,
+        no_local_external=b.no_local_external,
+    )
+
+
+def _fill_piece(
+    b: _PieceBuilder,
+    svc: ServicePortInfo,
+    eps: Sequence[EndpointInfo],
+    proto: str,
+    port: int,
+    node_ips: tuple[IPAddress, ...],
+) -> None:
+    o = b.o
+    # Hairpin: a local endpoint reaching itself through a VIP is SNATed.
+    for ep in eps:
+        if ep.is_local:
+            b.add(s.LOOP_BACK, IPSetEntry(s.HASH_IP_PORT_IP, ep.ip, ep.port, proto, ip2=ep.ip))
+
+    b.add(s.CLUSTER_IP, IPSetEntry(s.HASH_IP_PORT, str(svc.cluster_ip), port, proto))
+    vs = b.virtual_server(svc.cluster_ip, port, svc)
+    b.server(vs, CLUSTER_IP, b.real_servers(svc, eps, svc.internal_policy_local))
+    b.bind[svc.cluster_ip] = None
+
+    # Computed once per service port, and only if some external VS uses it
+    # (the no-local-endpoints counts follow the virtual servers, as upstream).
+    ext_rs: tuple[RealServer, ...] = ()
+    if svc.external_ips or svc.load_balancer_vips or (svc.node_port and node_ips):
+        ext_rs = b.real_servers(svc, eps, svc.external_policy_local)
+
+    for ext_ip in svc.external_ips:
+        entry = IPSetEntry(s.HASH_IP_PORT, str(ext_ip), port, proto)
+        b.add(s.EXTERNAL_IP_LOCAL if svc.external_policy_local else s.EXTERNAL_IP, entry)
+        b.server(b.virtual_server(ext_ip, port, svc), EXTERNAL_IP, ext_rs)
+        # An address that is already local elsewhere must not move to kube-ipvs0.
+        if not o.is_node_address(ext_ip):
+            b.bind[ext_ip] = None
+
+    for lb_ip in svc.load_balancer_vips:
+        entry = IPSetEntry(s.HASH_IP_PORT, str(lb_ip), port, proto)
+        b.add(s.LOAD_BALANCER, entry)
+        if svc.external_policy_local:
+            b.add(s.LOAD_BALANCER_LOCAL, entry)
+        if svc.load_balancer_source_ranges:
+            b.add(s.LOAD_BALANCER_FW, entry)
+            allow_from_node = False
+            for cidr in svc.load_balancer_source_ranges:
+                b.add(
+                    s.LOAD_BALANCER_SOURCE_CIDR,
+                    IPSetEntry(s.HASH_IP_PORT_NET, str(lb_ip), port, proto, net=str(cidr)),
+                )
+                if o.node_ip is not None and o.node_ip in cidr:
+                    allow_from_node = True
+            if allow_from_node:
+                # The node's own requests to the LB VIP short-circuit locally
+                # with the VIP as source; let them through.
+                b.add(
+                    s.LOAD_BALANCER_SOURCE_IP,
+                    IPSetEntry(s.HASH_IP_PORT_IP, str(lb_ip), port, proto, ip2=str(lb_ip)),
+                )
+            else:
+                b.lb_no_node_access.append(entry)  # issue #119656
+        b.server(b.virtual_server(lb_ip, port, svc), LOAD_BALANCER, ext_rs)
+        if not o.is_node_address(lb_ip):
+            b.bind[lb_ip] = None
+
+    if svc.node_port:
+        if not node_ips:
+            # Upstream skips the rest of this service port (its health-check
+            # port included) when no node address is usable.
+            return
+        np = svc.node_port
+        np_entries: list[IPSetEntry]
+        if proto == "sctp":
+            np_set, local_set = s.NODE_PORT_SCTP, s.NODE_PORT_LOCAL_SCTP
+            np_entries = [IPSetEntry(s.HASH_IP_PORT, str(ip), np, proto) for ip in node_ips]
+        else:
+            np_set, local_set = (
+                (s.NODE_PORT_TCP, s.NODE_PORT_LOCAL_TCP)
+                if proto == "tcp"
+                else (s.NODE_PORT_UDP, s.NODE_PORT_LOCAL_UDP)
             )
-        self.servers[vs.key] = PlannedServer(vs, destinations, spn, kind)
+            np_entries = [IPSetEntry(s.BITMAP_PORT, port=np, protocol=proto)]
+        for e in np_entries:
+            b.add(np_set, e)
+            if svc.external_policy_local:
+                b.add(local_set, e)
+        for ip in node_ips:
+            b.server(b.virtual_server(ip, np, svc), NODE_PORT, ext_rs)
+
+    if svc.health_check_node_port:
+        b.add(
+            s.HEALTH_CHECK_NODE_PORT,
+            IPSetEntry(s.BITMAP_PORT, port=svc.health_check_node_port, protocol="tcp"),
+        )
+
+
+@dataclass(slots=True)
+class PlanDelta:
+    """What one :meth:`IpvsPlanner.update` changed in the plan.
+
+    ``servers`` are the virtual-server keys whose planned server appeared,
+    disappeared or changed; entries and addresses are net changes (an entry a
+    Service drops and another adds in the same update is in neither).
+    """
+
+    full: bool = False  # every service port was (re)considered
+    replanned: int = 0  # service ports planned anew
+    servers: set[VsKey] = field(default_factory=set)
+    entries_added: dict[str, set[IPSetEntry]] = field(default_factory=dict)
+    entries_removed: dict[str, set[IPSetEntry]] = field(default_factory=dict)
+    bind_added: set[IPAddress] = field(default_factory=set)
+    bind_removed: set[IPAddress] = field(default_factory=set)
+    restore_changed: bool = False
+
+
+class IpvsPlanner:
+    """Plans incrementally: keeps each service port's piece and the aggregate sets.
+
+    Pure (no I/O): :meth:`update` replans the service ports of the changed
+    Services (or, given no change set, every port whose inputs differ from the
+    last update's) and folds the pieces in and out of reference-counted
+    aggregates, so its cost follows the change, not N.  :meth:`plan` materializes
+    the :class:`IpvsPlan` that :func:`plan_ipvs` returns for the same inputs.
+    """
+
+    def __init__(self) -> None:
+        self.options: IpvsOptions | None = None
+        self._pieces: dict[ServicePortName, _Piece] = {}
+        self._by_service: dict[tuple[str, str], set[ServicePortName]] = {}
+        self._claims: dict[VsKey, dict[ServicePortName, PlannedServer]] = {}
+        self.servers: dict[VsKey, PlannedServer] = {}  # the winner of each key
+        self._entry_refs: dict[str, dict[IPSetEntry, int]] = {i.name: {} for i in SET_INFO}
+        self._bind_refs: dict[IPAddress, int] = {}
+        self._lb_nna: dict[ServicePortName, tuple[IPSetEntry, ...]] = {}
+        self._no_local_int: dict[str, int] = {}
+        self._no_local_ext: dict[str, int] = {}
+        self._restore: RestoreText | None = None
+        self._restore_key: tuple[Any, ...] | None = None
+        self._plan: IpvsPlan | None = None
+
+    # -- read side ----------------------------------------------------------------
+    def entries(self, name: str) -> Collection[IPSetEntry]:
+        """The members of set ``name`` (upstream's IPv4 name), unordered."""
+        return self._entry_refs[name].keys()
+
+    @property
+    def bind_addresses(self) -> Collection[IPAddress]:
+        return self._bind_refs.keys()
+
+    def may_delete(self, vs: VirtualServer) -> bool:
+        o = self.options
+        assert o is not None
+        if (vs.address.version == 6) != o.ipv6:
+            return False
+        return not any(vs.address in net for net in o.exclude_cidrs)
+
+    @property
+    def no_local_endpoints(self) -> tuple[int, int]:
+        return len(self._no_local_int), len(self._no_local_ext)
+
+    def restore(self) -> RestoreText:
+        """The restore input; recomputed only when a set's emptiness or the drops change."""
+        o = self.options
+        assert o is not None
+        nonempty = frozenset(name for name, refs in self._entry_refs.items() if refs)
+        drops = tuple(e for spn in sorted(self._lb_nna) for e in self._lb_nna[spn])
+        key = (o, nonempty, drops)
+        if self._restore is None or key != self._restore_key:
+            # restore_text looks only at whether a set has entries: a one-entry
+            # stand-in spares sorting the large sets.
+            sets = {
+                info.name: IPSet.of(info, set(list(self._entry_refs[info.name])[:1]), o.ipv6)
+                for info in SET_INFO
+            }
+            self._restore = restore_text(sets, o, drops)
+            self._restore_key = key
+        return self._restore
+
+    def plan(self) -> IpvsPlan:
+        """The whole plan (sorted; O(N log N), cached until the next update)."""
+        if self._plan is not None:
+            return self._plan
+        o = self.options
+        assert o is not None
+        sets = {
+            info.name: IPSet.of(info, set(self._entry_refs[info.name]), o.ipv6) for info in SET_INFO
+        }
+        restore = self.restore()
+        timeouts = (o.tcp_timeout, o.tcp_fin_timeout, o.udp_timeout)
+        n_int, n_ext = self.no_local_endpoints
+        self._plan = IpvsPlan(
+            ipv6=o.ipv6,
+            servers=tuple(self.servers[k] for k in sorted(self.servers, key=_vs_order)),
+            bind_addresses=tuple(sorted(self._bind_refs, key=int)),
+            ipsets=tuple(sets[info.name] for info in SET_INFO),
+            restore=restore.text,
+            nat_rules=restore.nat_rules,
+            filter_rules=restore.filter_rules,
+            jump_rules=JUMP_RULES,
+            sysctls=sysctls(o),
+            timeouts=timeouts if any(timeouts) else None,
+            exclude_cidrs=o.exclude_cidrs,
+            no_local_endpoints_internal=n_int,
+            no_local_endpoints_external=n_ext,
+        )
+        return self._plan
+
+    # -- write side ---------------------------------------------------------------
+    def update(
+        self,
+        services: Mapping[ServicePortName, ServicePortInfo],
+        endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
+        options: IpvsOptions,
+        changed: AbstractSet[NamespacedName] | None = None,
+    ) -> PlanDelta:
+        """Bring the plan to this snapshot; ``changed`` None = compare every port.
+
+        With ``changed`` only the ports of those Services are replanned (the
+        caller guarantees nothing else changed since the last update); new
+        options always replan everything.
+        """
+        full = changed is None or options != self.options
+        if options != self.options:
+            self._reset()
+            self.options = options
+        self._plan = None
+        delta = PlanDelta(full=full)
+        ctx = _Update(self, delta)
+        node_ips: tuple[IPAddress, ...] = ()
+        if any(svc.node_port for svc in services.values()) if full else True:
+            node_ips = options.nodeport_addresses()
+        labels = dict(options.topology_labels)
+        if full:
+            todo: set[ServicePortName] = set(self._pieces.keys() - services.keys())
+            for spn, svc in services.items():
+                old = self._pieces.get(spn)
+                eps = endpoints.get(spn, ())
+                if old is None or not (
+                    (old.svc is svc or old.svc == svc) and (old.eps is eps or old.eps == eps)
+                ):
+                    todo.add(spn)
+        else:
+            assert changed is not None
+            names = {(n.namespace, n.name) for n in changed}
+            todo = set()
+            for name in names:
+                todo |= self._by_service.get(name, set())
+            if names:
+                todo.update(spn for spn in services if (spn.namespace, spn.name) in names)
+        for spn in todo:
+            old = self._pieces.get(spn)
+            if old is not None:
+                ctx.remove(spn, old)
+            current = services.get(spn)
+            if current is None:
+                continue
+            piece = _plan_piece(spn, current, endpoints.get(spn, ()), options, labels, node_ips)
+            ctx.add(spn, piece)
+            delta.replanned += 1
+        ctx.finish()
+        return delta
+
+    def _reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+class _Update:
+    """One update's bookkeeping: the state before each touched key, for net deltas."""
+
+    def __init__(self, planner: IpvsPlanner, delta: PlanDelta) -> None:
+        self.p = planner
+        self.delta = delta
+        self.vs_before: dict[VsKey, PlannedServer | None] = {}
+        self.entry_before: dict[tuple[str, IPSetEntry], bool] = {}
+        self.bind_before: dict[IPAddress, bool] = {}
+        self.drops_touched = False
+
+    def add(self, spn: ServicePortName, piece: _Piece) -> None:
+        p = self.p
+        p._pieces[spn] = piece
+        p._by_service.setdefault((spn.namespace, spn.name), set()).add(spn)
+        for planned in piece.servers:
+            key = planned.server.key
+            self.vs_before.setdefault(key, p.servers.get(key))
+            p._claims.setdefault(key, {})[spn] = planned
+        for name, entry in piece.entries:
+            refs = p._entry_refs[name]
+            n = refs.get(entry, 0)
+            self.entry_before.setdefault((name, entry), n > 0)
+            refs[entry] = n + 1
+        for addr in piece.bind:
+            n = p._bind_refs.get(addr, 0)
+            self.bind_before.setdefault(addr, n > 0)
+            p._bind_refs[addr] = n + 1
+        if piece.lb_no_node_access:
+            p._lb_nna[spn] = piece.lb_no_node_access
+        name = str(spn.service)
+        if piece.no_local_internal:
+            p._no_local_int[name] = p._no_local_int.get(name, 0) + 1
+        if piece.no_local_external:
+            p._no_local_ext[name] = p._no_local_ext.get(name, 0) + 1
+
+    def remove(self, spn: ServicePortName, piece: _Piece) -> None:
+        p = self.p
+        del p._pieces[spn]
+        group = p._by_service.get((spn.namespace, spn.name))
+        if group is not None:
+            group.discard(spn)
+            if not group:
+                del p._by_service[(spn.namespace, spn.name)]
+        for planned in piece.servers:
+            key = planned.server.key
+            self.vs_before.setdefault(key, p.servers.get(key))
+            claims = p._claims[key]
+            del claims[spn]
+            if not claims:
+                del p._claims[key]
+        for name, entry in piece.entries:
+            refs = p._entry_refs[name]
+            self.entry_before.setdefault((name, entry), True)
+            n = refs[entry] - 1
+            if n:
+                refs[entry] = n
+            else:
+                del refs[entry]
+        for addr in piece.bind:
+            self.bind_before.setdefault(addr, True)
+            n = p._bind_refs[addr] - 1
+            if n:
+                p._bind_refs[addr] = n
+            else:
+                del p._bind_refs[addr]
+        p._lb_nna.pop(spn, None)
+        name = str(spn.service)
+        for flag, counts in (
+            (piece.no_local_internal, p._no_local_int),
+            (piece.no_local_external, p._no_local_ext),
+        ):
+            if flag:
+                counts[name] -= 1
+                if not counts[name]:
+                    del counts[name]
+
+    def finish(self) -> None:
+        p, d = self.p, self.delta
+        for key, before in self.vs_before.items():
+            claims = p._claims.get(key)
+            if not claims:
+                p.servers.pop(key, None)
+                after = None
+            else:
+                # Upstream visits ports in sorted order and the later claim wins.
+                winner = max(claims)
+                after = claims[winner]
+                p.servers[key] = after
+                if len(claims) > 1:
+                    log.warning(
+                        "virtual server %s is claimed by %s; using %s",
+                        after.server,
+                        " and ".join(str(c) for c in sorted(claims)),
+                        winner,
+                    )
+            if after != before:
+                d.servers.add(key)
+        for (name, entry), was in self.entry_before.items():
+            now = entry in p._entry_refs[name]
+            if now and not was:
+                d.entries_added.setdefault(name, set()).add(entry)
+            elif was and not now:
+                d.entries_removed.setdefault(name, set()).add(entry)
+        for addr, was in self.bind_before.items():
+            now = addr in p._bind_refs
+            if now and not was:
+                d.bind_added.add(addr)
+            elif was and not now:
+                d.bind_removed.add(addr)
 
 
 def plan_ipvs(
@@ -245,120 +659,9 @@ def plan_ipvs(
     options: IpvsOptions,
 ) -> IpvsPlan:
     """The IPVS state for this snapshot (upstream's ``syncProxyRules``, minus I/O)."""
-    b = _Builder(options)
-    o = options
-    node_ips: tuple[IPAddress, ...] = ()
-    if any(svc.node_port for svc in services.values()):
-        node_ips = o.nodeport_addresses()
-
-    for spn in sorted(services):
-        svc = services[spn]
-        proto = svc.protocol.lower()
-        eps = endpoints.get(spn, ())
-        port = svc.port
-
-        # Hairpin: a local endpoint reaching itself through a VIP is SNATed.
-        for ep in eps:
-            if ep.is_local:
-                b.add(s.LOOP_BACK, IPSetEntry(s.HASH_IP_PORT_IP, ep.ip, ep.port, proto, ip2=ep.ip))
-
-        b.add(s.CLUSTER_IP, IPSetEntry(s.HASH_IP_PORT, str(svc.cluster_ip), port, proto))
-        vs = b.virtual_server(svc.cluster_ip, port, svc)
-        b.server(vs, spn, CLUSTER_IP, b.real_servers(spn, svc, eps, svc.internal_policy_local))
-        b.bind.add(svc.cluster_ip)
-
-        # Computed once per service port, and only if some external VS uses it
-        # (the no-local-endpoints counts follow the virtual servers, as upstream).
-        ext_rs: tuple[RealServer, ...] = ()
-        if svc.external_ips or svc.load_balancer_vips or (svc.node_port and node_ips):
-            ext_rs = b.real_servers(spn, svc, eps, svc.external_policy_local)
-
-        for ext_ip in svc.external_ips:
-            entry = IPSetEntry(s.HASH_IP_PORT, str(ext_ip), port, proto)
-            b.add(s.EXTERNAL_IP_LOCAL if svc.external_policy_local else s.EXTERNAL_IP, entry)
-            b.server(b.virtual_server(ext_ip, port, svc), spn, EXTERNAL_IP, ext_rs)
-            # An address that is already local elsewhere must not move to kube-ipvs0.
-            if not o.is_node_address(ext_ip):
-                b.bind.add(ext_ip)
-
-        for lb_ip in svc.load_balancer_vips:
-            entry = IPSetEntry(s.HASH_IP_PORT, str(lb_ip), port, proto)
-            b.add(s.LOAD_BALANCER, entry)
-            if svc.external_policy_local:
-                b.add(s.LOAD_BALANCER_LOCAL, entry)
-            if svc.load_balancer_source_ranges:
-                b.add(s.LOAD_BALANCER_FW, entry)
-                allow_from_node = False
-                for cidr in svc.load_balancer_source_ranges:
-                    b.add(
-                        s.LOAD_BALANCER_SOURCE_CIDR,
-                        IPSetEntry(s.HASH_IP_PORT_NET, str(lb_ip), port, proto, net=str(cidr)),
-                    )
-                    if o.node_ip is not None and o.node_ip in cidr:
-                        allow_from_node = True
-                if allow_from_node:
-                    # The node's own requests to the LB VIP short-circuit locally
-                    # with the VIP as source; let them through.
-                    b.add(
-                        s.LOAD_BALANCER_SOURCE_IP,
-                        IPSetEntry(s.HASH_IP_PORT_IP, str(lb_ip), port, proto, ip2=str(lb_ip)),
-                    )
-                else:
-                    b.lb_no_node_access.append(entry)  # issue #119656
-            b.server(b.virtual_server(lb_ip, port, svc), spn, LOAD_BALANCER, ext_rs)
-            if not o.is_node_address(lb_ip):
-                b.bind.add(lb_ip)
-
-        if svc.node_port:
-            if not node_ips:
-                # Upstream skips the rest of this service port (its health-check
-                # port included) when no node address is usable.
-                continue
-            np = svc.node_port
-            np_entries: list[IPSetEntry]
-            if proto == "sctp":
-                np_set, local_set = s.NODE_PORT_SCTP, s.NODE_PORT_LOCAL_SCTP
-                np_entries = [IPSetEntry(s.HASH_IP_PORT, str(ip), np, proto) for ip in node_ips]
-            else:
-                np_set, local_set = (
-                    (s.NODE_PORT_TCP, s.NODE_PORT_LOCAL_TCP)
-                    if proto == "tcp"
-                    else (s.NODE_PORT_UDP, s.NODE_PORT_LOCAL_UDP)
-                )
-                np_entries = [IPSetEntry(s.BITMAP_PORT, port=np, protocol=proto)]
-            for e in np_entries:
-                b.add(np_set, e)
-                if svc.external_policy_local:
-                    b.add(local_set, e)
-            for ip in node_ips:
-                b.server(b.virtual_server(ip, np, svc), spn, NODE_PORT, ext_rs)
-
-        if svc.health_check_node_port:
-            b.add(
-                s.HEALTH_CHECK_NODE_PORT,
-                IPSetEntry(s.BITMAP_PORT, port=svc.health_check_node_port, protocol="tcp"),
-            )
-
-    for addr in b.bind:
-        b.add(s.IPVS_IPS, IPSetEntry(s.HASH_IP, str(addr)))
-    sets = {info.name: IPSet.of(info, b.entries[info.name], o.ipv6) for info in SET_INFO}
-    restore = restore_text(sets, o, b.lb_no_node_access)
-    timeouts = (o.tcp_timeout, o.tcp_fin_timeout, o.udp_timeout)
-    return IpvsPlan(
-        ipv6=o.ipv6,
-        servers=tuple(b.servers[k] for k in sorted(b.servers, key=_vs_order)),
-        bind_addresses=tuple(sorted(b.bind, key=int)),
-        ipsets=tuple(sets[info.name] for info in SET_INFO),
-        restore=restore.text,
-        nat_rules=restore.nat_rules,
-        filter_rules=restore.filter_rules,
-        jump_rules=JUMP_RULES,
-        sysctls=sysctls(o),
-        timeouts=timeouts if any(timeouts) else None,
-        exclude_cidrs=o.exclude_cidrs,
-        no_local_endpoints_internal=len(b.no_local_internal),
-        no_local_endpoints_external=len(b.no_local_external),
-    )
+    planner = IpvsPlanner()
+    planner.update(services, endpoints, options)
+    return planner.plan()
 
 
 def _vs_order(key: VsKey) -> tuple[int, int, int]:
