@@ -15,7 +15,6 @@ import contextlib
 import errno
 import multiprocessing
 import multiprocessing.connection
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +31,7 @@ from kproxy.kernel.ipset import (
     canonical_entry,
 )
 from tests.support.netns import Netns, NetnsFactory
+from tests.support.tiers import require_commands
 
 _CALL_TIMEOUT_S = 30.0
 
@@ -344,12 +344,14 @@ def test_closed_handle_errors(ipset: IpsetVerbs) -> None:
     assert err.value.errno == errno.EBADF
 
 
+# Real kernel only: the ipset command is the witness, so there is no fake side.
+@pytest.mark.parametrize("env", [pytest.param("kernel", marks=pytest.mark.netns)], indirect=True)
 def test_the_ipset_command_sees_upstream_strings(
     env: tuple[IpsetVerbs, Netns | None],
 ) -> None:
     ipset, ns = env
-    if ns is None or shutil.which("ipset") is None:
-        pytest.skip("checks the real kernel with the ipset command")
+    require_commands("ipset")
+    assert ns is not None
     ipset.create("KUBE-LOOP-BACK", "hash:ip,port,ip")
     ipset.create("KUBE-NODE-PORT-TCP", "bitmap:port")
     ipset.add_entry("KUBE-LOOP-BACK", "10.244.1.5,tcp:8080,10.244.1.5")
