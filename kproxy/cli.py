@@ -103,15 +103,15 @@ def cmd_version(_: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from kproxy.proxy import proxier
+    from kproxy.proxy import daemon
 
     cfg = from_args(args)
     if args.cleanup:
-        return proxier.cleanup(cfg)
+        return daemon.cleanup(cfg)
     if not cfg.objects and not cfg.kubeconfig and not cfg.master:
         raise KProxyError("the proxy needs --objects FILE or --kubeconfig/--master")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(proxier.run_proxy(cfg, dry_run=args.dry_run, out=sys.stdout))
+        asyncio.run(daemon.run_proxy(cfg, dry_run=args.dry_run, out=sys.stdout))
     return 0
 
 

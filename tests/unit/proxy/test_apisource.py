@@ -27,7 +27,7 @@ from kproxy.proxy.apisource import (
     ApiServerSource,
 )
 from kproxy.proxy.config import ProxyConfig
-from kproxy.proxy.proxier import run_proxy
+from kproxy.proxy.daemon import run_proxy
 from kproxy.proxy.sources import Obj
 from tests.unit.client import fake_apiserver
 from tests.unit.client.fake_apiserver import FakeApiServer

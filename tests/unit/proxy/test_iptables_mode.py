@@ -17,12 +17,13 @@ from kproxy.kernel.fakes.iptables import FakeIptables
 from kproxy.kernel.iptables import RestoreError
 from kproxy.proxy.config import ProxyConfig
 from kproxy.proxy.core import ProxyCore
+from kproxy.proxy.daemon import run_proxy
 from kproxy.proxy.health import ProxyHealth
 from kproxy.proxy.iptables.chains import JUMP_CHAINS, KUBE_PROXY_CANARY, ServiceChains
 from kproxy.proxy.iptables.mode import DryRunIptablesMode, IptablesMode
 from kproxy.proxy.metrics import ProxyMetrics
 from kproxy.proxy.mode import Mode
-from kproxy.proxy.proxier import Proxier, SyncFailed, run_proxy
+from kproxy.proxy.proxier import Proxier, SyncFailed
 from kproxy.proxy.types import ServicePortName
 from tests.unit.proxy.goldens import NODE_NAME, make_service, make_slice, test_options
 
