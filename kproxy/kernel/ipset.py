@@ -48,7 +48,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
 from kproxy.kernel.handle import SocketHandle
-from kproxy.kernel.ipvs_batch import AckedSender
+from kproxy.kernel.netlink import AckedSender
 
 __all__ = [
     "ERR_EXIST",

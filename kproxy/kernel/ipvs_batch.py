@@ -61,11 +61,18 @@ from kproxy.kernel.ipvs import (
     ServiceFlags,
     VirtualServer,
 )
+from kproxy.kernel.netlink import (
+    CHUNK_BYTES,
+    CHUNK_MESSAGES,
+    HDR,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    AckedSender,
+    error_code,
+    messages,
+)
 
 __all__ = [
-    "CHUNK_BYTES",
-    "CHUNK_MESSAGES",
-    "AckedSender",
     "ApplyResult",
     "IpvsBatch",
     "IpvsBatchError",
@@ -79,16 +86,8 @@ __all__ = [
 
 IPAddress = IPv4Address | IPv6Address
 
-# Sized so that a chunk's acks (a few hundred bytes of skb each) fit the default
-# receive buffer (rmem_max 208 KiB, doubled by the kernel) with room to spare.
-CHUNK_MESSAGES: Final = 128
-CHUNK_BYTES: Final = 32 * 1024
-_TIMEOUT_S: Final = 10.0
-_RECV_BYTES: Final = 1 << 20
 
 # netlink / generic netlink / IPVS constants (uapi)
-_NLMSG_ERROR: Final = 2
-_NLMSG_DONE: Final = 3
 _NLM_F_REQUEST: Final = 0x1
 _NLM_F_MULTI: Final = 0x2
 _NLM_F_ACK: Final = 0x4
@@ -96,8 +95,6 @@ _NLM_F_DUMP: Final = 0x300
 _NLM_F_REPLACE: Final = 0x100
 _NLM_F_EXCL: Final = 0x200
 _NLM_F_CREATE: Final = 0x400
-_SOL_NETLINK: Final = 270
-_NETLINK_CAP_ACK: Final = 10
 _NETLINK_GENERIC: Final = 16
 _NLA_F_NESTED: Final = 0x8000
 _NLA_TYPE_MASK: Final = 0x3FFF
@@ -114,7 +111,6 @@ _DEST_ADDR_FAMILY = 11
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 _FULL_MASK: Final = 0xFFFFFFFF
 
-_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _GENL = struct.Struct("=BBH")  # genlmsghdr: cmd, version, reserved
 _NLA = struct.Struct("=HH")
 
@@ -295,8 +291,8 @@ def _dest_attrs(rs: RealServer, full: bool) -> bytes:
 
 
 def _message(family_id: int, cmd: int, flags: int, seq: int, body: bytes) -> bytes:
-    size = _HDR.size + _GENL.size + len(body)
-    return _HDR.pack(size, family_id, flags, seq, 0) + _GENL.pack(cmd, _GENL_VERSION, 0) + body
+    size = HDR.size + _GENL.size + len(body)
+    return HDR.pack(size, family_id, flags, seq, 0) + _GENL.pack(cmd, _GENL_VERSION, 0) + body
 
 
 def encode_op(op: IpvsOp, family_id: int, seq: int) -> bytes:
@@ -367,17 +363,6 @@ def _dest_from(nested: memoryview, service_family: int) -> RealServer:
     )
 
 
-def _messages(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
-    """(type, flags, seq, payload start, end) of each netlink message in ``data``."""
-    offset = 0
-    while offset + _HDR.size <= len(data):
-        size, kind, flags, seq, _ = _HDR.unpack_from(data, offset)
-        if size < _HDR.size:
-            return
-        yield kind, flags, seq, offset + _HDR.size, offset + size
-        offset += (size + 3) & ~3
-
-
 # --- the real handle -----------------------------------------------------------------------
 
 
@@ -403,89 +388,66 @@ def _resolve_family() -> int:
 class IpvsBatch(SocketHandle):
     """One IPVS netlink socket for the proxy's life: whole-table dumps and chunked applies."""
 
+    _sock: AckedSender
+
     def __init__(
         self, chunk_messages: int = CHUNK_MESSAGES, chunk_bytes: int = CHUNK_BYTES
     ) -> None:
         if chunk_messages < 1 or chunk_bytes < 1:
             raise ValueError("chunks need room for at least one message")
-        self.chunk_messages = chunk_messages
-        self.chunk_bytes = chunk_bytes
-        self._messages_sent = 0
-        self._round_trips = 0
-        self._seq = 0
         self._closed = False
         self._family = _resolve_family()
         try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_GENERIC)
+            self._sock = AckedSender(_NETLINK_GENERIC, chunk_messages, chunk_bytes)
         except OSError as e:
             raise IpvsError("open", None, None, e.errno or 0, str(e)) from e
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
-            sock.bind((0, 0))
-            sock.settimeout(_TIMEOUT_S)
-        except OSError as e:
-            sock.close()
-            raise IpvsError("open", None, None, e.errno or 0, str(e)) from e
-        self._sock = sock
-        self._buf = bytearray(_RECV_BYTES)
+
+    @property
+    def chunk_messages(self) -> int:
+        return self._sock.chunk_messages
 
     @property
     def messages_sent(self) -> int:
-        return self._messages_sent
+        return self._sock.messages_sent
 
     @property
     def round_trips(self) -> int:
-        return self._round_trips
-
-    def _next_seq(self) -> int:
-        self._seq = (self._seq % 0x7FFFFFFF) + 1
-        return self._seq
+        return self._sock.round_trips
 
     def _check_open(self, verb: str) -> None:
         if self._closed:
             raise IpvsError(verb, None, None, errno_mod.EBADF, "handle is closed")
 
-    def _recv(self, verb: str) -> bytes:
-        try:
-            n = self._sock.recv_into(self._buf)
-        except TimeoutError as e:
-            raise IpvsError(
-                verb, None, None, errno_mod.ETIMEDOUT, "no answer from the kernel"
-            ) from e
-        except OSError as e:  # ENOBUFS: the kernel dropped replies
-            raise IpvsError(verb, None, None, e.errno or 0, str(e)) from e
-        return bytes(self._buf[:n])
-
-    def _send(self, verb: str, data: bytes, count: int) -> None:
-        try:
-            self._sock.send(data)
-        except OSError as e:
-            raise IpvsError(verb, None, None, e.errno or 0, str(e)) from e
-        self._messages_sent += count
-        self._round_trips += 1
+    @staticmethod
+    def _wrap(verb: str, e: OSError) -> IpvsError:
+        if isinstance(e, TimeoutError):
+            return IpvsError(verb, None, None, errno_mod.ETIMEDOUT, "no answer from the kernel")
+        # ENOBUFS: the kernel dropped replies
+        return IpvsError(verb, None, None, e.errno or 0, str(e))
 
     # reads
 
     def _dump(self, verb: str, cmd: int, body: bytes) -> Iterator[memoryview]:
         """The top-level attribute payloads of every reply to one dump request."""
-        seq = self._next_seq()
+        seq = self._sock.next_seq()
         flags = _NLM_F_REQUEST | _NLM_F_DUMP  # a dump ends in NLMSG_DONE, not an ack
-        self._send(verb, _message(self._family, cmd, flags, seq, body), 1)
-        while True:
-            data = self._recv(verb)
-            for kind, _flags, mseq, start, end in _messages(data):
-                if mseq != seq:
-                    continue  # a stale ack of an earlier, abandoned request
-                if kind == _NLMSG_DONE:
-                    return
-                if kind == _NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, start)[0]
-                    if code:
-                        raise IpvsError(verb, None, None, code)
-                    return
-                yield memoryview(data)[start + _GENL.size : end]
+        try:
+            self._sock.send_one(_message(self._family, cmd, flags, seq, body))
+            while True:
+                data = self._sock.recv()
+                for kind, _flags, mseq, start, end in messages(data):
+                    if mseq != seq:
+                        continue  # a stale ack of an earlier, abandoned request
+                    if kind == NLMSG_DONE:
+                        return
+                    if kind == NLMSG_ERROR:
+                        code = error_code(data, start)
+                        if code:
+                            raise IpvsError(verb, None, None, code)
+                        return
+                    yield memoryview(data)[start + _GENL.size : end]
+        except OSError as e:
+            raise self._wrap(verb, e) from e
 
     def list_services(self) -> list[VirtualServer]:
         """Every (non-fwmark) virtual service: one dump."""
@@ -523,117 +485,21 @@ class IpvsBatch(SocketHandle):
         :meth:`ApplyResult.raise_for_failures` to turn them into an exception.
         """
         self._check_open("apply")
-        sent0, trips0 = self._messages_sent, self._round_trips
-        failures: list[OpFailure] = []
-        chunk: dict[int, IpvsOp] = {}
-        data: list[bytes] = []
-        size = 0
+        sent0, trips0 = self.messages_sent, self.round_trips
+        by_seq: dict[int, IpvsOp] = {}
+        requests: list[tuple[int, bytes]] = []
         for op in ops:
-            seq = self._next_seq()
-            msg = encode_op(op, self._family, seq)
-            if chunk and (len(chunk) >= self.chunk_messages or size + len(msg) > self.chunk_bytes):
-                failures += self._flush(chunk, data)
-                chunk, data, size = {}, [], 0
-            chunk[seq] = op
-            data.append(msg)
-            size += len(msg)
-        if chunk:
-            failures += self._flush(chunk, data)
-        return ApplyResult(self._messages_sent - sent0, self._round_trips - trips0, tuple(failures))
-
-    def _flush(self, chunk: dict[int, IpvsOp], data: list[bytes]) -> list[OpFailure]:
-        self._send("apply", b"".join(data), len(chunk))
-        pending = dict(chunk)
-        failures: list[OpFailure] = []
-        while pending:
-            reply = self._recv("apply")
-            for kind, _flags, seq, start, _end in _messages(reply):
-                if kind != _NLMSG_ERROR or seq not in pending:
-                    continue
-                op = pending.pop(seq)
-                code = -struct.unpack_from("=i", reply, start)[0]
-                if code:
-                    failures.append(OpFailure(op, code))
-        return failures
-
-
-# --- acked requests over any netlink protocol ---------------------------------------------
-
-
-class AckedSender:
-    """A plain blocking netlink socket that sends acked requests in chunks.
-
-    The same mechanism as :meth:`IpvsBatch.apply`, for other protocols
-    (``NETLINK_NETFILTER`` for ipset, ``NETLINK_ROUTE`` for addresses): many
-    requests per ``sendmsg``, bounded so that the acks fit the receive buffer,
-    and every ack collected by sequence number.  Errors are :class:`OSError`
-    (the callers wrap them in their own error type).
-    """
-
-    def __init__(
-        self,
-        protocol: int,
-        chunk_messages: int = CHUNK_MESSAGES,
-        chunk_bytes: int = CHUNK_BYTES,
-    ) -> None:
-        self.chunk_messages = chunk_messages
-        self.chunk_bytes = chunk_bytes
-        self.messages_sent = 0
-        self.round_trips = 0
-        self._seq = 0
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+            seq = self._sock.next_seq()
+            by_seq[seq] = op
+            requests.append((seq, encode_op(op, self._family, seq)))
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
-            sock.bind((0, 0))
-            sock.settimeout(_TIMEOUT_S)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-        self._buf = bytearray(_RECV_BYTES)
-
-    def next_seq(self) -> int:
-        self._seq = (self._seq % 0x7FFFFFFF) + 1
-        return self._seq
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def send(self, requests: Iterable[tuple[int, bytes]]) -> dict[int, int]:
-        """Send ``(seq, message)`` pairs (each with ``NLM_F_ACK``); the errno of each
-        refused one by seq (a missing seq was acked with 0)."""
-        failed: dict[int, int] = {}
-        chunk: list[int] = []
-        data: list[bytes] = []
-        size = 0
-        for seq, msg in requests:
-            if chunk and (len(chunk) >= self.chunk_messages or size + len(msg) > self.chunk_bytes):
-                self._flush(chunk, data, failed)
-                chunk, data, size = [], [], 0
-            chunk.append(seq)
-            data.append(msg)
-            size += len(msg)
-        if chunk:
-            self._flush(chunk, data, failed)
-        return failed
-
-    def _flush(self, chunk: list[int], data: list[bytes], failed: dict[int, int]) -> None:
-        self._sock.send(b"".join(data))
-        self.messages_sent += len(chunk)
-        self.round_trips += 1
-        pending = set(chunk)
-        while pending:
-            n = self._sock.recv_into(self._buf)
-            reply = memoryview(self._buf)[:n]
-            for kind, _flags, seq, start, _end in _messages(reply):
-                if kind != _NLMSG_ERROR or seq not in pending:
-                    continue
-                pending.discard(seq)
-                code = -struct.unpack_from("=i", reply, start)[0]
-                if code:
-                    failed[seq] = code
+            failed = self._sock.send(requests)
+        except OSError as e:
+            raise self._wrap("apply", e) from e
+        failures = tuple(
+            OpFailure(by_seq[seq], failed[seq]) for seq, _ in requests if seq in failed
+        )
+        return ApplyResult(self.messages_sent - sent0, self.round_trips - trips0, failures)
 
 
 # --- one request at a time, over any IpvsVerbs -------------------------------------------

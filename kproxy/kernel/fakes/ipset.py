@@ -35,7 +35,7 @@ from kproxy.kernel.ipset import (
     canonical_entries,
     canonical_entry,
 )
-from kproxy.kernel.ipvs_batch import CHUNK_MESSAGES
+from kproxy.kernel.netlink import CHUNK_MESSAGES
 
 __all__ = ["FakeIpset", "FakeIpsetState"]
 

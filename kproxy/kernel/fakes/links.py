@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from kproxy.kernel.ipvs_batch import CHUNK_MESSAGES
 from kproxy.kernel.links import (
     DUMMY_LINK,
     Family,
@@ -29,6 +28,7 @@ from kproxy.kernel.links import (
     LinksError,
     valid_local,
 )
+from kproxy.kernel.netlink import CHUNK_MESSAGES
 
 __all__ = ["FakeLinks", "FakeLinksState"]
 
