@@ -13,12 +13,14 @@ with :class:`kproxy.fastpath.Maglev` over the endpoints' ``IP:port`` names.
 Checked: TCP and UDP reach that endpoint; the two nodes agree flow by flow;
 removing an endpoint keeps (almost) every other flow where it was; with the
 proxy stopped an established connection keeps working and new connections
-still flow (queue bypass + the kernel fallback).
+still flow (queue bypass + the kernel fallback), and the restarted proxy
+reports exactly those connections in ``kubeproxy_nfqueue_bypassed_packets_total``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -103,6 +105,11 @@ for line in sys.stdin:
         print(f.readline().strip(), flush=True)
     except OSError as e:
         print(f"error {e!r}", flush=True)
+"""
+
+METRICS = r"""
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
 """
 
 PORTS = [
@@ -217,6 +224,14 @@ class Node:
             return seen == want
 
         wait(f"{self.name}: rules for {sorted(want)}", ok)
+
+    def metrics(self) -> str:
+        argv = [sys.executable, "-c", METRICS, f"http://{GATEWAY}:10249/metrics"]
+        return self.ns.run(argv, timeout=15).stdout
+
+    def metric(self, name: str) -> float | None:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", self.metrics(), re.M)
+        return float(m[1]) if m else None
 
     def flows(self, kind: str, sports: Sequence[int], port: int = PORT) -> list[str]:
         argv = [sys.executable, "-c", CLIENT, kind, VIP, str(port), ",".join(map(str, sports))]
@@ -339,6 +354,19 @@ def test_established_connection_and_new_ones_survive_a_stopped_proxy(
         assert "" not in got, got
         # The fallback is random, not Maglev: several pods, not the Maglev sequence.
         assert len(set(got)) >= 2
+        # The kernel counts no bypass: the restarted proxy reads them from the
+        # fallback rules' counters at its first sync (one nat packet per connection).
+        a.start()
+        bypassed = a.metric("kubeproxy_nfqueue_bypassed_packets_total")
+        fallback = a.metric(
+            'kubeproxy_nfqueue_fallback_packets_total{service_port="default/echo:tcp"}'
+        )
+        print(f"bypassed {bypassed}, tcp fallback {fallback} for {len(sports)} connections")
+        assert bypassed is not None and len(sports) <= bypassed <= len(sports) + 3
+        assert fallback is not None and len(sports) <= fallback <= len(sports) + 3
+        # While the handler serves the queue, new connections are marked, not bypassed.
+        assert "" not in a.flows("tcp", list(range(34100, 34110)))
+        assert a.metric("kubeproxy_nfqueue_bypassed_packets_total") == bypassed
     finally:
         hold.kill()
         hold.wait(timeout=5)

@@ -28,6 +28,13 @@ serves all of them from ONE thread (the callback needs the GIL anyway, and one
 thread keeps the selection state single-writer), gives every packet a verdict
 (accept, marked or not) even when something fails, and keeps the counters that
 :class:`NfqueueCollector` exports.
+
+Queue bypasses (no handler bound) and fail-open accepts (queue full, or the
+kernel could not deliver to the handler, with ``NFQA_CFG_F_FAIL_OPEN`` set) are
+counted by no kernel counter: both packets reach the nat fallback unmarked, so
+the collector reports them from the fallback rules' packet counters
+(:class:`FallbackCounts`, read by the mode) minus what the handler itself left
+unmarked; see :class:`NfqueueCollector` for exactly what is counted.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ __all__ = [
     "ROUND_ROBIN",
     "Decider",
     "Decision",
+    "FallbackCounts",
     "LoopHandler",
     "NfqueueCollector",
     "QueueHandler",
@@ -294,6 +302,18 @@ class Decider:
 
 
 QueueFactory = Callable[[int, Callable[[Any], None]], PacketQueue]
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackCounts:
+    """Packets that took the nat fallback since this process started managing the rules.
+
+    ``by_service`` holds the service ports whose rules exist now; ``total`` also
+    keeps the counts of service ports removed since (so it never decreases).
+    """
+
+    by_service: Mapping[str, int]
+    total: int
 
 
 class QueueHandler:
@@ -563,10 +583,33 @@ class NfqueueCollector(Collector):
 
     Nothing is incremented per packet on a Prometheus object: the packet path
     keeps plain integers and this collector reads them.
+
+    With ``fallback`` (the mode's reader of the nat fallback rules' counters):
+
+    - ``kubeproxy_nfqueue_fallback_packets_total{service_port}``: connections
+      (first packets: nat sees one packet per conntrack entry) that took the
+      unbalanced fallback, whatever the reason;
+    - ``kubeproxy_nfqueue_bypassed_packets_total``: of those, the ones the
+      handler never saw: the fallback total minus the packets the handler
+      accepted unmarked (``kubeproxy_nfqueue_unmarked_total``, all reasons), so
+      queue bypasses while no handler is bound plus fail-open accepts (queue
+      full or delivery failed; the kernel counts neither: ``queue_dropped`` and
+      ``user_dropped`` only count when fail-open is off, and those packets were
+      dropped, not bypassed). Not per service port: most unmarked packets have
+      no service (parse failures, unknown service port). Kept monotonic; an
+      unmarked packet that nat never saw (a later UDP packet or a retransmitted
+      SYN of a flow whose first packet was already translated) can make it
+      lag behind the true count by that many packets, never overshoot.
     """
 
-    def __init__(self, handler: QueueHandler | LoopHandler) -> None:
+    def __init__(
+        self,
+        handler: QueueHandler | LoopHandler,
+        fallback: Callable[[], FallbackCounts] | None = None,
+    ) -> None:
         self.handler = handler
+        self.fallback = fallback
+        self._bypassed = 0
 
     def collect(self) -> Iterable[Any]:
         h = self.handler
@@ -610,3 +653,26 @@ class NfqueueCollector(Collector):
             for n, st in sorted(stats.items()):
                 fam.add_metric([str(n)], float(getattr(st, attr)))
             yield fam
+        if self.fallback is not None:
+            yield from self._fallback_metrics(self.fallback())
+
+    def _fallback_metrics(self, counts: FallbackCounts) -> Iterable[Any]:
+        fam = CounterMetricFamily(
+            "kubeproxy_nfqueue_fallback_packets",
+            "Connections balanced by the nat fallback (unmarked first packet), per service port",
+            labels=["service_port"],
+        )
+        for spn, n in sorted(counts.by_service.items()):
+            fam.add_metric([spn], n)
+        yield fam
+        # The handler's unmarked packets also took the fallback: what is left was
+        # never seen by the handler. max() keeps the counter monotonic when the
+        # subtraction briefly undershoots (see the class docstring).
+        self._bypassed = max(self._bypassed, counts.total - sum(self.handler.decider.unmarked))
+        bypassed = CounterMetricFamily(
+            "kubeproxy_nfqueue_bypassed_packets",
+            "Connections that took the nat fallback without the handler seeing them"
+            " (queue bypass with no handler bound, fail-open accepts)",
+        )
+        bypassed.add_metric([], self._bypassed)
+        yield bypassed

@@ -20,6 +20,17 @@ A sync (from the proxy loop's worker thread):
    mark rule and takes the fallback, which only holds live endpoints), and
    binds the queues on first use.
 
+Bypass accounting: every restore rewrites our chains, which resets their
+packet counters, so the sync's one ``iptables-save -c -t nat`` (the one that
+lists the existing chains) also reads the fallback rules' counters, and after a
+successful restore they are folded into a running total.
+:meth:`NfqueueMode.fallback_packets` (the collector, at scrape time) adds the
+live counters from at most one more save per :data:`FALLBACK_CACHE_S`. A proxy
+that starts on rules left by its predecessor thus reports the connections that
+took the fallback while no proxy was running (queue bypass) at its first sync.
+Only packets counted between that save and the restore (a few milliseconds per
+sync) are lost.
+
 A failed restore keeps the old rules and the old tables and makes the next sync
 full. :meth:`NfqueueMode.close` unbinds the queues and keeps the rules: with
 ``--queue-bypass`` new flows then take the kernel fallback and established
@@ -47,6 +58,7 @@ from kproxy.proxy.nfqueue.handler import (
     DEFAULT_TABLE_SIZE,
     MAGLEV,
     Decider,
+    FallbackCounts,
     LoopHandler,
     NfqueueCollector,
     QueueFactory,
@@ -61,6 +73,7 @@ from kproxy.proxy.nfqueue.rules import (
     EndpointRule,
     RuleOptions,
     ServiceRule,
+    fallback_counters,
     owned_chain,
     render,
 )
@@ -79,6 +92,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AFFINITY_SECONDS: Final = 10800
 _CHAIN_LINE: Final = re.compile(r"^:(\S+) ", re.M)
+# A scrape reads the live fallback counters at most this often (one iptables-save each).
+FALLBACK_CACHE_S: Final = 1.0
+# A scrape waits at most this long for a running sync before serving cached counts.
+FALLBACK_LOCK_TIMEOUT_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +173,21 @@ class NfqueueMode:
             self.handler = LoopHandler(
                 self.decider, queues, copy_range=options.copy_range, max_len=options.max_len
             )
-        if metrics is not None:
-            metrics.registry.register(NfqueueCollector(self.handler))
         self.need_full = True
         self._ids: dict[ServicePortName, dict[str, int]] = {}
         self._skipped: set[ServicePortName] = set()
         self._lock = threading.Lock()
+        # Fallback packets folded at syncs (the restore zeroes the kernel's
+        # counters), the folded counts of service ports gone since, and the last
+        # live reading: (folded, gone, live) replaced as ONE tuple so that a
+        # reader that did not get the lock never pairs a new fold with an old
+        # live reading (that would count a sync's packets twice).
+        self._fallback: tuple[dict[str, int], int, dict[str, int]] = ({}, 0, {})
+        self._fallback_read_at = float("-inf")
+        if metrics is not None:
+            metrics.registry.register(
+                NfqueueCollector(self.handler, fallback=self.fallback_packets)
+            )
 
     @property
     def name(self) -> str:
@@ -189,7 +215,8 @@ class NfqueueMode:
             self._service_rule(spn, info, eps, ids[spn]) for spn, (info, eps) in wanted.items()
         ]
         try:
-            existing = [("nat", c) for c in _CHAIN_LINE.findall(self.ipt.save("nat"))]
+            saved = self.ipt.save("nat", counters=True)
+            existing = [("nat", c) for c in _CHAIN_LINE.findall(saved)]
             if full:
                 self.ensure_jumps()
             rendered = render(rules, self.options.rule_options(), existing)
@@ -197,6 +224,7 @@ class NfqueueMode:
         except IptablesError as e:
             log.error("nfqueue rules (%s sync): %s", "full" if full else "partial", e)
             return self._failed(full, str(e))
+        self._fold_fallback(fallback_counters(saved), {str(spn) for spn in wanted})
         self._ids = ids
         self.decider.update(self._selections(wanted, ids))
         self.handler.publish()
@@ -221,6 +249,38 @@ class NfqueueMode:
             error="; ".join(problems),
             deleted_chains=rendered.deleted_chains,
         )
+
+    def _fold_fallback(self, counted: Mapping[str, int], kept: set[str]) -> None:
+        """Add the counters the restore just zeroed; forget service ports no longer wanted."""
+        folded, gone, _ = self._fallback
+        merged = dict(folded)
+        for name, n in counted.items():
+            merged[name] = merged.get(name, 0) + n
+        gone += sum(n for name, n in merged.items() if name not in kept)
+        self._fallback = ({k: v for k, v in merged.items() if k in kept}, gone, {})
+        self._fallback_read_at = float("-inf")
+
+    def fallback_packets(self) -> FallbackCounts:
+        """Packets that took the fallback (folded + live counters); at most one save per call."""
+        if self._lock.acquire(timeout=FALLBACK_LOCK_TIMEOUT_S):
+            try:
+                now = time.monotonic()
+                if now - self._fallback_read_at >= FALLBACK_CACHE_S:
+                    self._fallback_read_at = now
+                    try:
+                        live = fallback_counters(self.ipt.save("nat", counters=True))
+                    except IptablesError as e:
+                        log.warning("cannot read the nfqueue fallback counters: %s", e)
+                    else:
+                        folded, gone, _ = self._fallback
+                        self._fallback = (folded, gone, live)
+            finally:
+                self._lock.release()
+        folded, gone, live = self._fallback
+        by_service = dict(folded)
+        for name, n in live.items():
+            by_service[name] = by_service.get(name, 0) + n
+        return FallbackCounts(by_service, gone + sum(by_service.values()))
 
     def _failed(self, full: bool, error: str) -> SyncResult:
         self.need_full = True

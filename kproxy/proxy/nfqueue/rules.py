@@ -22,6 +22,11 @@ Layout (Nordix nfqlb's SYN-only pattern, DNAT by mark as in its NAT mode):
   KUBE-POSTROUTING / KUBE-MARK-MASQ semantics under this data path's own names,
   so that its cleanup never touches another mode's chains.
 
+:func:`fallback_counters` reads the fallback rules' packet counters back out of
+``iptables-save -c -t nat`` (by their comment, :data:`FALLBACK_COMMENT`): the
+kernel counts no queue bypass and no fail-open accept anywhere else, so these
+counters are the only record of the packets the handler never marked.
+
 Invariants: the output is a pure function of (plans, options, existing chains);
 every chain of ours that exists but is not wanted is deleted in the same
 restore; endpoint ids are assigned by the caller (stable across syncs, see
@@ -30,6 +35,7 @@ restore; endpoint ids are assigned by the caller (stable across syncs, see
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -38,6 +44,7 @@ from kproxy import fastpath
 from kproxy.proxy.types import ServicePortName
 
 __all__ = [
+    "FALLBACK_COMMENT",
     "JUMPS",
     "MANGLE_CHAIN",
     "MARK_MASK",
@@ -50,6 +57,7 @@ __all__ = [
     "RuleOptions",
     "ServiceRule",
     "endpoint_chain",
+    "fallback_counters",
     "mark_value",
     "owned_chain",
     "render",
@@ -68,6 +76,18 @@ NAT_CHAINS: Final = (NAT_SERVICES, NAT_POSTROUTING, NAT_MARK_MASQ)
 # 11 + 16 hash characters: within iptables' 28-character chain names.
 SVC_PREFIX: Final = "KUBE-NQSVC-"
 SEP_PREFIX: Final = "KUBE-NQSEP-"
+# Suffix of the fallback rules' comment (after the service port name); also the
+# key by which fallback_counters finds them again.
+FALLBACK_COMMENT: Final = "unmarked (queue bypassed)"
+# One saved fallback rule: "[packets:bytes] -A KUBE-NQSVC-... --comment "<spn> unmarked (...)"".
+_FALLBACK_LINE: Final = re.compile(
+    r"^\[(\d+):\d+\] -A "
+    + re.escape(SVC_PREFIX)
+    + r'\S+ .*?--comment "([^"]*) '
+    + re.escape(FALLBACK_COMMENT)
+    + '"',
+    re.M,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +254,7 @@ def render(
                 else ""
             )
             nat_rules.append(
-                f'-A {svc_chain} -m comment --comment "{name} unmarked (queue bypassed)"'
-                f"{stat} -j {sep}"
+                f'-A {svc_chain} -m comment --comment "{name} {FALLBACK_COMMENT}"{stat} -j {sep}'
             )
         for ep, sep in seps:
             wanted_nat.add(sep)
@@ -255,3 +274,16 @@ def render(
     lines = ["*mangle", *mangle, *mangle_rules, "COMMIT", "*nat", *nat_chains, *nat_rules]
     lines += [*deletes, "COMMIT", ""]
     return Rendered("\n".join(lines), len(mangle_rules), len(nat_rules), len(stale))
+
+
+def fallback_counters(saved: str) -> dict[str, int]:
+    """Packets that took the fallback, per service port name, in ``iptables-save -c`` output.
+
+    ``saved`` is the nat table saved with counters; the counts of one service
+    port's fallback rules (one per endpoint) are summed. Lines without counters
+    (a save without ``-c``) match nothing.
+    """
+    out: dict[str, int] = {}
+    for packets, name in _FALLBACK_LINE.findall(saved):
+        out[name] = out.get(name, 0) + int(packets)
+    return out
