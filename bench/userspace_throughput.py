@@ -488,6 +488,7 @@ def objects_file(path: Path) -> Path:
 def start_kproxy(topo: Topology, work: Path, relay: str) -> Target:
     argv = [
         str(REPO / ".venv" / "bin" / "kproxy"),
+        "-v",  # INFO: the log says which accept path the proxy sockets took
         "proxy",
         "--proxy-mode=userspace",
         f"--objects={objects_file(work / 'objects.json')}",
@@ -621,9 +622,23 @@ def phase(
     return rows
 
 
+# Logged by TcpProxySocket when the relay loop accepts and dials for a port.
+IN_LOOP_MARKER = "accepting and dialling in the relay loop"
+
+
+def accept_path(log: Path) -> str:
+    """Which accept path a kproxy run used, from its log."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "unknown"
+    return "relay loop (accept+dial without Python)" if IN_LOOP_MARKER in text else "python"
+
+
 def run(o: Options, work: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    accept_paths: dict[str, str] = {}
     with topology() as topo:
         for role, port in (("sink", SINK), ("echo", ECHO), ("rr", RR)):
             argv = [sys.executable, "-m", "bench.userspace_throughput", "--role", role, str(port)]
@@ -653,12 +668,13 @@ def run(o: Options, work: Path) -> dict[str, Any]:
             finally:
                 for p in kp.procs:
                     topo.stop(p)
+            accept_paths[kp.name] = accept_path(work / f"kproxy-{relay}.log")
         for t in baselines:
             for p in t.procs:
                 topo.stop(p)
         print("  measuring the fast path (compiled vs twin)", file=sys.stderr, flush=True)
         fast = topo.role(topo.client, "fastpath", o.quick_fastpath, 512, 3.0, timeout=600)
-    return {"rows": rows, "skipped": skipped, "fastpath": fast}
+    return {"rows": rows, "skipped": skipped, "fastpath": fast, "accept_paths": accept_paths}
 
 
 # -- report -------------------------------------------------------------------------
@@ -723,6 +739,8 @@ def table(result: dict[str, Any], rat: dict[str, Any]) -> str:
         )
     for name, why in result["skipped"].items():
         lines.append(f"{name:16}skipped: {why.splitlines()[-1] if why else ''}")
+    for name, path in result.get("accept_paths", {}).items():
+        lines.append(f"{name:16}accept path: {path}")
     lines.append("")
     lines.append(f"{'ratio':38}{'value':>9}  {'target':>9}  verdict")
 

@@ -18,6 +18,7 @@ stops, so a splice relay's thread and pipes never outlive the mode.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Final
 
 from kproxy import fastpath
@@ -59,15 +60,21 @@ def resolve_relay(name: str) -> str:
     return name
 
 
-def new_relay(name: str) -> OwnedRelay:
-    """A started relay for ``name`` (see :func:`resolve_relay`); the caller closes it."""
+def new_relay(name: str, dial_timeouts: Sequence[float] | None = None) -> OwnedRelay:
+    """A started relay for ``name`` (see :func:`resolve_relay`); the caller closes it.
+
+    ``dial_timeouts`` is the retry schedule of the connections a splice relay
+    accepts and dials itself (upstream's by default).
+    """
     chosen = resolve_relay(name)
     if chosen == "asyncio":
         return AsyncioRelay()
     if not fastpath.COMPILED:
         # Asked for explicitly: honour it, but say it is the slow build.
         log.warning("--userspace-relay=splice without the compiled fast path: using the twin")
-    return SpliceRelay()
+    if dial_timeouts is None:
+        return SpliceRelay()
+    return SpliceRelay(dial_timeouts=dial_timeouts)
 
 
 def new_load_balancer(name: str) -> LoadBalancer:

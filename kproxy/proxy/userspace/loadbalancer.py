@@ -130,6 +130,17 @@ class RoundRobinLoadBalancer:
         state = self._services.get(service)
         return state is not None and len(state.rr) > 0
 
+    def plain_rotation(self, service: ServicePortName) -> tuple[str, ...] | None:
+        """The rotation order when ``service`` is plain round robin (no affinity), else None.
+
+        A plain rotation needs nothing per client, so the relay loop can run it
+        (see :meth:`.proxysocket.TcpProxySocket.refresh`).
+        """
+        state = self._services.get(service)
+        if state is None or state.affinity:
+            return None
+        return state.rr.endpoints
+
     def endpoints(self, service: ServicePortName) -> tuple[str, ...]:
         """The rotation order (tests, debugging)."""
         state = self._services.get(service)

@@ -186,7 +186,7 @@ class UserspaceMode:
     def relay(self) -> Relay:
         """The relay proxy sockets hand connected pairs to (made on first use)."""
         if self._relay is None:
-            self._owned_relay = new_relay(self.options.relay)
+            self._owned_relay = new_relay(self.options.relay, self.options.dial_timeouts)
             self._relay = self._owned_relay
             log.info("userspace relay: %s", type(self._owned_relay).__name__)
         return self._relay
@@ -296,6 +296,9 @@ class UserspaceMode:
             self.lb.set_endpoints(spn, endpoints)
             self.lb.cleanup_stale_sticky_sessions(spn)
             if spn in self._proxies:
+                existing = self._proxies[spn]
+                if isinstance(existing, TcpProxySocket):
+                    existing.refresh()  # new endpoints/affinity for the in-loop accept path
                 continue
             try:
                 proxy = self._new_proxy(spn)

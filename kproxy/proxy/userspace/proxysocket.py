@@ -16,6 +16,15 @@ Upstream's ``tcpProxySocket`` with its flaws fixed:
   resets the client at once (SO_LINGER 0) instead of closing it cleanly;
 - TCP_NODELAY on both legs; the pair goes to a :class:`~.relay.Relay`.
 
+The connection-rate path: when the relay is a :class:`~.splice.SpliceRelay`
+and the service port is plain round robin (:class:`~.loadbalancer.RoundRobinLoadBalancer`
+without ClientIP affinity), the listener is handed to the relay loop, which
+accepts, dials (same schedule, next endpoint per attempt, reset when none
+answers) and relays without Python; :meth:`TcpProxySocket.refresh` pushes the
+balancer's rotation to it on every sync (new connections only) and moves the
+port back to the Python path when affinity is turned on. Failures still reach
+the metrics and the log, as events from the relay thread.
+
 Invariants: every socket this module creates is owned by exactly one object that
 closes it (listener → :class:`TcpProxySocket`, client/backend → the handler
 until handed to the relay); all methods except :func:`open_listener`,
@@ -28,6 +37,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import random
 import resource
 import socket
@@ -35,10 +45,17 @@ from collections.abc import Iterator, Sequence
 from typing import Final
 
 from kproxy.errors import KProxyError
+from kproxy.fastpath import RelayLoop
 from kproxy.proxy.types import IPAddress, ServicePortName
-from kproxy.proxy.userspace.loadbalancer import LoadBalancer, MissingEndpoints, MissingService
+from kproxy.proxy.userspace.loadbalancer import (
+    LoadBalancer,
+    MissingEndpoints,
+    MissingService,
+    RoundRobinLoadBalancer,
+)
 from kproxy.proxy.userspace.metrics import UserspaceMetrics
 from kproxy.proxy.userspace.relay import Relay, reset_close
+from kproxy.proxy.userspace.splice import SpliceRelay
 
 __all__ = [
     "DIAL_TIMEOUTS",
@@ -208,20 +225,120 @@ class TcpProxySocket:
         self.pause = pause
         self._accepter: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self.accepted = 0
+        self.accepted = 0  # by the Python path (the relay loop counts its own)
+        self._lid: int | None = None  # listener id in the relay loop while it accepts
+        self._rotation: tuple[str, ...] = ()
+        self._exhausted = False  # relay-thread side of the EMFILE episode logging
 
     def start(self) -> None:
-        self._accepter = asyncio.get_running_loop().create_task(
-            self._accept_loop(), name=f"accept {self.name}"
-        )
+        if not self._offload():
+            self._start_accepting()
+
+    @property
+    def in_loop(self) -> bool:
+        """True while the relay loop accepts and dials for this port."""
+        return self._lid is not None
+
+    def _start_accepting(self) -> None:
+        if self._accepter is None or self._accepter.done():
+            self._accepter = asyncio.get_running_loop().create_task(
+                self._accept_loop(), name=f"accept {self.name}"
+            )
+
+    def _plain_rotation(self) -> tuple[str, ...] | None:
+        if not isinstance(self.relay, SpliceRelay) or self.relay.closed:
+            return None
+        if not isinstance(self.lb, RoundRobinLoadBalancer):
+            return None  # maglev hashes the client: stays in Python
+        if self.relay.dial_timeouts != self.dial_timeouts:
+            return None  # the loop has one schedule; a port with another keeps Python's
+        return self.lb.plain_rotation(self.name)
+
+    def _push(self, lid: int, rotation: tuple[str, ...]) -> bool:
+        assert isinstance(self.relay, SpliceRelay)
+        try:
+            self.relay.set_backends(lid, [split_endpoint(ep) for ep in rotation])
+        except ValueError as e:  # not an IP literal: the Python path can still dial it
+            log.warning("%s: endpoints not usable by the relay loop (%s)", self.name, e)
+            return False
+        self._rotation = rotation
+        return True
+
+    def _offload(self) -> bool:
+        """Hand the listener to the relay loop when the port is plain round robin."""
+        rotation = self._plain_rotation()
+        if rotation is None or self.sock.fileno() < 0:
+            return False
+        assert isinstance(self.relay, SpliceRelay)
+        lid = self.relay.listen(self.sock, self._on_loop_event)
+        if not self._push(lid, rotation):
+            self.relay.unlisten(lid)
+            return False
+        self._lid = lid
+        log.info("%s: accepting and dialling in the relay loop", self.name)
+        if self._accepter is not None:
+            # Both paths may accept for a moment; either serves the connection fully.
+            self._accepter.cancel()
+            self._accepter = None
+        return True
+
+    def _reclaim(self) -> None:
+        """Take the listener back from the relay loop (Python accepts again)."""
+        if self._lid is not None and isinstance(self.relay, SpliceRelay):
+            self.relay.unlisten(self._lid)
+        self._lid = None
+        log.info("%s: accepting in Python (affinity or endpoints the loop cannot dial)", self.name)
+        self._start_accepting()
+
+    def refresh(self) -> None:
+        """After a sync of the balancer: push a changed rotation, or switch accept paths."""
+        if self.sock.fileno() < 0:
+            return
+        rotation = self._plain_rotation()
+        if rotation is None:
+            if self._lid is not None:
+                self._reclaim()
+            return
+        if self._lid is None:
+            self._offload()
+        elif rotation != self._rotation and not self._push(self._lid, rotation):
+            self._reclaim()
+
+    def _on_loop_event(self, kind: int, err: int) -> None:
+        # Runs on the relay thread: counters and logging only (both thread-safe).
+        if kind == RelayLoop.EV_REFUSED:
+            self.metrics.refused.inc()
+        elif kind == RelayLoop.EV_DIAL_FAILED:
+            self.metrics.dial_failures.inc()
+            log.warning(
+                "%s: dial failed (%s), trying another endpoint", self.name, os.strerror(err)
+            )
+        elif kind == RelayLoop.EV_FD_EXHAUSTED:
+            self.metrics.fd_exhausted.labels(protocol="TCP").inc()
+            if not self._exhausted:
+                log.error("%s: %s; pausing until descriptors free up", self.name, os.strerror(err))
+                self._exhausted = True
+        elif kind == RelayLoop.EV_ACCEPTING:
+            if self._exhausted:
+                log.warning("%s: accepting again", self.name)
+            self._exhausted = False
+        elif kind == RelayLoop.EV_ACCEPT_FAILED:
+            log.error("%s: accept failed in the relay loop: %s", self.name, os.strerror(err))
 
     @property
     def in_flight(self) -> int:
-        """Accepted connections still dialling."""
+        """Accepted connections still dialling (on the Python path)."""
         return len(self._handlers)
 
     async def close(self, *, abort: bool = False) -> None:
         """Stop accepting; in-flight dials finish unless ``abort`` (relayed pairs survive)."""
+        if self._lid is not None:
+            if isinstance(self.relay, SpliceRelay):
+                self.relay.unlisten(self._lid)
+            self._lid = None
+            # The loop closes its copy of the fd a moment later; stop listening now.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
         if self._accepter is not None:
             self._accepter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
