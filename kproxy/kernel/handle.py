@@ -1,8 +1,10 @@
-"""The life cycle shared by kproxy's long-lived netlink handles.
+"""The life cycle shared by kproxy's long-lived kernel handles and their fakes.
 
 A handle owns one socket for its whole life (the proxy keeps one per family,
-DESIGN.md §2): :meth:`close` is idempotent, and the handle is a context
-manager.  Subclasses set ``_sock`` and ``_closed`` in ``__init__``.
+DESIGN.md §2): :meth:`Handle.close` is idempotent, and every handle is a
+context manager.  Subclasses set ``_closed`` in ``__init__``;
+:class:`SocketHandle` subclasses also set ``_sock``.  Fakes use :class:`Handle`
+so that they close (and refuse use after close) exactly like the real ones.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from types import TracebackType
 from typing import Any, Self
 
 
-class SocketHandle:
-    """Idempotent close and context management for a handle owning ``_sock``."""
+class Handle:
+    """Idempotent close and context management."""
 
-    _sock: Any
     _closed: bool
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._sock.close()
+            self._release()
+
+    def _release(self) -> None:
+        """What closing frees: nothing for a fake."""
 
     def __enter__(self) -> Self:
         return self
@@ -32,3 +36,12 @@ class SocketHandle:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class SocketHandle(Handle):
+    """A handle owning the socket ``_sock``, closed with it."""
+
+    _sock: Any
+
+    def _release(self) -> None:
+        self._sock.close()

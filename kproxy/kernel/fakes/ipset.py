@@ -21,9 +21,8 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
+from kproxy.kernel.handle import Handle
 from kproxy.kernel.ipset import (
     ERR_EXIST,
     SET_TYPES,
@@ -48,7 +47,7 @@ class FakeIpsetState:
     members: dict[str, set[str]] = field(default_factory=dict)
 
 
-class FakeIpset:
+class FakeIpset(Handle):
     """Same API as :class:`kproxy.kernel.ipset.Ipset`, backed by a :class:`FakeIpsetState`."""
 
     def __init__(self, state: FakeIpsetState | None = None) -> None:
@@ -57,20 +56,6 @@ class FakeIpset:
         self.messages_sent = 0  # of the batch verbs
         self.round_trips = 0
         self._closed = False
-
-    def close(self) -> None:
-        self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _request(self, verb: str, name: str | None, entry: str | None = None) -> None:
         if self._closed:

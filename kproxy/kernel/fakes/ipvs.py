@@ -22,9 +22,8 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
-from types import TracebackType
-from typing import Self
 
+from kproxy.kernel.handle import Handle
 from kproxy.kernel.ipvs import (
     ForwardingMethod,
     IPProtocol,
@@ -52,26 +51,12 @@ class FakeIpvsState:
     destinations: dict[_ServiceKey, dict[_DestKey, RealServer]] = field(default_factory=dict)
 
 
-class FakeIpvs:
+class FakeIpvs(Handle):
     """Same API as :class:`kproxy.kernel.ipvs.Ipvs`, backed by a :class:`FakeIpvsState`."""
 
     def __init__(self, state: FakeIpvsState | None = None) -> None:
         self.state = state if state is not None else FakeIpvsState()
         self._closed = False
-
-    def close(self) -> None:
-        self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _open(self, verb: str, vs: VirtualServer | None, rs: RealServer | None) -> None:
         if self._closed:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
+from kproxy.kernel.handle import Handle
 from kproxy.kernel.links import (
     DUMMY_LINK,
     Family,
@@ -47,7 +46,7 @@ def _version(family: Family) -> int:
     return 4 if family == "ipv4" else 6
 
 
-class FakeLinks:
+class FakeLinks(Handle):
     """Same API as :class:`kproxy.kernel.links.Links`, backed by a :class:`FakeLinksState`."""
 
     def __init__(self, name: str = DUMMY_LINK, state: FakeLinksState | None = None) -> None:
@@ -60,20 +59,6 @@ class FakeLinks:
     @property
     def name(self) -> str:
         return self._name
-
-    def close(self) -> None:
-        self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check(self, verb: str, address: IPAddress | None = None, *, link: bool = False) -> None:
         if self._closed:
