@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-kubernetes = pytest.importorskip("kubernetes")
+from tests.support.tiers import require_module
+
+kubernetes = require_module("kubernetes")
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 

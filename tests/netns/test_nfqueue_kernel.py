@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from tests.support.netns import NetnsFactory
+from tests.support.tiers import require_module
 
 pytestmark = pytest.mark.netns
 
@@ -57,7 +58,7 @@ q.close()
 def test_fail_open_copy_range_and_drop_counters(
     netns: NetnsFactory, fail_open: bool, serve: bool
 ) -> None:
-    pytest.importorskip("netfilterqueue")
+    require_module("netfilterqueue")
     ns = netns()
     ns.run(
         ["iptables-nft", "-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport", "5000",

@@ -19,6 +19,7 @@ import pytest
 
 from kproxy.proxy.nfqueue.rules import MARK_MASK
 from tests.support.netns import NetnsFactory
+from tests.support.tiers import require_module
 
 pytestmark = pytest.mark.netns
 
@@ -80,7 +81,7 @@ def _impls() -> list[str]:
 @pytest.mark.parametrize("module", _impls())
 def test_loop_marks_each_flow_with_its_maglev_endpoint(netns: NetnsFactory, module: str) -> None:
     if module == "kproxy._fastpath_py":
-        pytest.importorskip("netfilterqueue")
+        require_module("netfilterqueue")
     impl = importlib.import_module(module)
     ns = netns()
     ipt = ["iptables-nft", "-t", "mangle"]

@@ -34,7 +34,7 @@ import pytest
 from kproxy import fastpath
 from tests.support.cluster_topology import endpoint_slice, node_object, service
 from tests.support.netns import Netns, NetnsFactory
-from tests.support.tiers import require, require_commands, require_root
+from tests.support.tiers import require, require_commands, require_module, require_root
 
 pytestmark = pytest.mark.netns
 
@@ -244,7 +244,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]
     require_root()
     require_commands("ip", "sysctl", f"iptables-{BACKEND}", f"iptables-{BACKEND}-save")
     require(KPROXY.exists(), f"no kproxy entry point next to {sys.executable}")
-    pytest.importorskip("netfilterqueue")
+    require_module("netfilterqueue")
     workdir = tmp_path_factory.mktemp("nfq")
     with NetnsFactory() as f:
         sw = f()

@@ -7,8 +7,10 @@ run can never pass by skipping the tests that matter.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+from types import ModuleType
 
 import pytest
 
@@ -21,7 +23,7 @@ def require(ok: bool, why: str) -> None:
         return
     if IN_CI:
         pytest.fail(f"tier prerequisite missing under CI: {why}", pytrace=False)
-    pytest.skip(why)
+    pytest.skip(why, allow_module_level=True)
 
 
 def require_root() -> None:
@@ -41,3 +43,16 @@ def optional_command(name: str) -> None:
     """
     if shutil.which(name) is None:
         pytest.skip(f"{name} is not installed on this machine")
+
+
+def require_module(name: str) -> ModuleType:
+    """Import ``name``; skip locally, fail under CI=true when it is not installed.
+
+    The project's test extra installs every such module, so a missing one under
+    CI is a broken set-up, not a reason to skip.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        require(False, f"python module {name} is not installed ({exc})")
+        raise  # unreachable: require() skipped or failed

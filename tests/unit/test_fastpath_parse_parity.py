@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kproxy import _fastpath_py
+from tests.support.tiers import require_module
 
-scapy_all = pytest.importorskip("scapy.all")
+scapy_all = require_module("scapy.all")
 IP: Any = scapy_all.IP
 IPv6: Any = scapy_all.IPv6
 TCP: Any = scapy_all.TCP
