@@ -86,31 +86,31 @@ def _build_mode(
         opts = _render_options(cfg, core, detect_host_features(None, cfg))
         # A dry run applies nothing, so it opens no health-check ports either.
         return _BuiltMode(DryRunIptablesMode(out, opts, metrics, sync_period=cfg.sync_period))
+    from kproxy.kernel.conntrack import Conntrack
     from kproxy.kernel.iptables import Iptables
 
     backend: Any = cfg.iptables_backend
     ipt = Iptables("ipv4", backend)
-    if cfg.mode == "userspace" and cfg.userspace_datapath == "nfqueue":
-        from kproxy.kernel.conntrack import Conntrack as _Conntrack
 
+    def reconciler() -> Callable[[Snapshot], object]:
+        # Modes that DNAT in the kernel reconcile stale UDP flows after each sync.
+        return ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync
+
+    if cfg.mode == "userspace" and cfg.userspace_datapath == "nfqueue":
         nfq_opts = nfqueue_options(cfg, core, random_fully=ipt.has_random_fully())
         nfq = NfqueueMode(ipt, nfq_opts, metrics)
-        # Flows are DNATed in the kernel, so stale UDP flows are reconciled as in iptables mode.
-        reconcile = ConntrackReconciler(_Conntrack("ipv4"), metrics).after_sync
-        return _BuiltMode(nfq, canary=nfq.canary_present, after_sync=reconcile, close=nfq.close)
+        return _BuiltMode(nfq, canary=nfq.canary_present, after_sync=reconciler(), close=nfq.close)
     if cfg.mode == "userspace":
         mode = UserspaceMode(ipt, _userspace_options(cfg, core), metrics)
         # Client flows are NATed to the proxy's own port, never to endpoints, so
         # there is no conntrack to reconcile; sockets close, rules stay (upstream).
         return _BuiltMode(mode, canary=mode.canary_present, close=mode.close)
-    from kproxy.kernel.conntrack import Conntrack
-
     if cfg.mode == "ipvs":
         ipvs_mode = _ipvs_mode(cfg, core, ipt, metrics)
         # Upstream's IPVS mode has no canary (its rule monitor is iptables-only).
         return _BuiltMode(
             ipvs_mode,
-            after_sync=ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync,
+            after_sync=reconciler(),
             health_checks=ServiceHealthServer(
                 health, tuple(str(ip) for ip in ipvs_mode.options.nodeport_ips or ())
             ),
@@ -121,7 +121,7 @@ def _build_mode(
     return _BuiltMode(
         iptables_mode,
         canary=iptables_mode.canary_present,
-        after_sync=ConntrackReconciler(Conntrack("ipv4"), metrics).after_sync,
+        after_sync=reconciler(),
         health_checks=ServiceHealthServer(health, opts.nodeport_ips or ()),
     )
 
