@@ -162,6 +162,12 @@ class ProxyMetrics:
             registry=r,
         )
 
+    def restore_failed(self, ip_family: str, *, partial: bool) -> None:
+        """Count a failed ``iptables-restore`` (and, for a partial sync, the partial counter)."""
+        self.restore_failures.labels(ip_family=ip_family).inc()
+        if partial:
+            self.partial_restore_failures.labels(ip_family=ip_family).inc()
+
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
 

@@ -144,9 +144,7 @@ class _Renders:
     def failed(self, full: bool, error: str) -> SyncResult:
         self.need_full = True
         if self.metrics is not None:
-            self.metrics.restore_failures.labels(ip_family=self.family).inc()
-            if not full:
-                self.metrics.partial_restore_failures.labels(ip_family=self.family).inc()
+            self.metrics.restore_failed(self.family, partial=not full)
         return SyncResult(full=full, ok=False, error=error)
 
 

@@ -458,9 +458,7 @@ class IpvsMode:
         self._sets = None
         self._bound = None
         if restore and self.metrics is not None:
-            self.metrics.restore_failures.labels(ip_family=self.family).inc()
-            if not full:
-                self.metrics.partial_restore_failures.labels(ip_family=self.family).inc()
+            self.metrics.restore_failed(self.family, partial=not full)
         return SyncResult(full=full, ok=False, error=error)
 
     # -- cleanup ----------------------------------------------------------------

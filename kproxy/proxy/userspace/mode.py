@@ -247,9 +247,7 @@ class UserspaceMode:
     def _failed(self, full: bool, error: str) -> SyncResult:
         self.need_full = True
         if self.metrics is not None:
-            self.metrics.restore_failures.labels(ip_family=IPV4).inc()
-            if not full:
-                self.metrics.partial_restore_failures.labels(ip_family=IPV4).inc()
+            self.metrics.restore_failed(IPV4, partial=not full)
         return SyncResult(full=full, ok=False, error=error)
 
     def _wanted(self, snapshot: Snapshot) -> Wanted:
