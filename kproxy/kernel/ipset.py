@@ -48,7 +48,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
 from kproxy.kernel.handle import SocketHandle
-from kproxy.kernel.netlink import AckedSender
+from kproxy.kernel.netlink import AckedSender, BatchOutcome
 
 __all__ = [
     "ERR_EXIST",
@@ -143,7 +143,7 @@ class IpsetVerbs(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class IpsetBatchResult:
+class IpsetBatchResult(BatchOutcome):
     """What one batch verb did: the canonical entries that took effect, one
     :class:`IpsetError` per entry the kernel refused, and the netlink traffic."""
 
@@ -151,14 +151,6 @@ class IpsetBatchResult:
     failures: tuple[IpsetError, ...] = ()
     messages: int = 0
     round_trips: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def raise_for_failures(self) -> None:
-        if self.failures:
-            raise self.failures[0]
 
 
 # --- entry strings --------------------------------------------------------------------

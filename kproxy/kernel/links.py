@@ -36,7 +36,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.errors import KProxyError
 from kproxy.kernel.handle import SocketHandle
-from kproxy.kernel.netlink import AckedSender
+from kproxy.kernel.netlink import AckedSender, BatchOutcome
 
 __all__ = ["DUMMY_LINK", "Family", "Links", "LinksBatchResult", "LinksError", "LinksVerbs"]
 
@@ -99,7 +99,7 @@ class LinksVerbs(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class LinksBatchResult:
+class LinksBatchResult(BatchOutcome):
     """What one batch address verb did: the addresses it changed (bound / unbound;
     already bound / not bound ones are neither changed nor failed), one
     :class:`LinksError` per refused address, and the netlink traffic."""
@@ -108,14 +108,6 @@ class LinksBatchResult:
     failures: tuple[LinksError, ...] = ()
     messages: int = 0
     round_trips: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def raise_for_failures(self) -> None:
-        if self.failures:
-            raise self.failures[0]
 
 
 # Hand-encoded RTM_NEWADDR/RTM_DELADDR for the batch verbs (uapi if_addr.h).

@@ -24,6 +24,7 @@ __all__ = [
     "NLMSG_DONE",
     "NLMSG_ERROR",
     "AckedSender",
+    "BatchOutcome",
     "messages",
 ]
 
@@ -39,6 +40,22 @@ NLMSG_ERROR: Final = 2
 NLMSG_DONE: Final = 3
 _SOL_NETLINK: Final = 270
 _NETLINK_CAP_ACK: Final = 10  # acks carry only the header of the request
+
+
+class BatchOutcome:
+    """``ok`` and ``raise_for_failures`` of a batch verb's result (a dataclass with a
+    ``failures`` tuple of per-request errors); every request of a batch is tried."""
+
+    __slots__ = ()
+    failures: tuple[Exception, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        if self.failures:
+            raise self.failures[0]
 
 
 def messages(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
