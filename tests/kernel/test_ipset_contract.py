@@ -13,22 +13,29 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import multiprocessing
 import multiprocessing.connection
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kproxy.kernel.fakes.ipset import FakeIpset
 from kproxy.kernel.ipset import (
     ERR_EXIST,
+    AdtEncoder,
     Ipset,
     IpsetBatchResult,
     IpsetError,
     IpsetVerbs,
     SetInfo,
     canonical_entry,
+    encode_adt,
+    parse_entry,
 )
 from tests.support.netns import Netns, NetnsFactory
 from tests.support.tiers import require_commands
@@ -48,7 +55,8 @@ def _serve(conn: multiprocessing.connection.Connection, netns: str) -> None:
             return
         method, args = msg
         try:
-            conn.send(("ok", getattr(handle, method)(*args)))
+            value = getattr(handle, method)  # a verb, or a counter such as round_trips
+            conn.send(("ok", value(*args) if callable(value) else value))
         except Exception as e:  # sent back and re-raised in the test
             conn.send(("err", e))
 
@@ -101,6 +109,16 @@ class InNetns:
 
     def delete_entries(self, name: str, entries: Any) -> IpsetBatchResult:
         return self._call("delete_entries", name, list(entries))  # type: ignore[no-any-return]
+
+    def create_many(self, specs: Any) -> IpsetBatchResult:
+        return self._call("create_many", list(specs))  # type: ignore[no-any-return]
+
+    def list_all_entries(self) -> dict[str, set[str]]:
+        return self._call("list_all_entries")  # type: ignore[no-any-return]
+
+    @property
+    def round_trips(self) -> int:
+        return self._call("round_trips")  # type: ignore[no-any-return]
 
     def close(self) -> None:
         if self._closed:
@@ -330,6 +348,120 @@ def test_batch_checks_every_entry_before_sending(ipset: IpsetVerbs) -> None:
     assert err.value.errno == errno.ENOENT
 
 
+# --- many sets at once --------------------------------------------------------------------
+
+_SPECS: list[tuple[str, Any, Any]] = [
+    ("A", "hash:ip", "ipv4"),
+    ("B", "hash:ip,port", "ipv6"),
+    ("C", "hash:ip,port,ip", "ipv4"),
+    ("D", "hash:ip,port,net", "ipv6"),
+    ("E", "bitmap:port", "ipv4"),
+]
+_ONE_ENTRY = {
+    "A": "10.0.0.1",
+    "B": "fd00::1,tcp:80",
+    "C": "10.0.0.1,tcp:80,10.0.0.1",
+    "D": "fd00::4,tcp:80,fd00:1::/64",
+    "E": "30080",
+}
+
+
+def _round_trips(ipset: IpsetVerbs) -> int:
+    assert isinstance(ipset, (FakeIpset, InNetns))
+    return ipset.round_trips
+
+
+def test_create_many_every_type(ipset: IpsetVerbs) -> None:
+    first = ipset.create_many(_SPECS)
+    assert first.ok and first.done == {"A", "B", "C", "D", "E"}
+    # The handle's first batch also asks the kernel for the five types' revisions.
+    assert (first.messages, first.round_trips) == (5 + 5, 2)
+    assert ipset.list_sets() == {
+        name: SetInfo(t, None if t == "bitmap:port" else f) for name, t, f in _SPECS
+    }
+    ipset.add_entries("B", ["fd00::1,tcp:80"]).raise_for_failures()
+    again = ipset.create_many(_SPECS)  # -exist: keeps the members
+    assert again.ok and again.done == {"A", "B", "C", "D", "E"}
+    assert (again.messages, again.round_trips) == (5, 1)
+    assert ipset.list_entries("B") == {"fd00::1,tcp:80"}
+    for name, entry in _ONE_ENTRY.items():  # each set takes its family's entries
+        assert ipset.add_entries(name, [entry]).ok, name
+
+
+def test_create_many_is_one_round_trip_for_a_whole_mode(ipset: IpsetVerbs) -> None:
+    ipset.create_many([("WARM", "hash:ip", "ipv4")]).raise_for_failures()
+    types: list[Any] = ["hash:ip", "hash:ip,port", "hash:ip,port,ip", "hash:ip,port,net"]
+    specs: list[tuple[str, Any, Any]] = [(f"KUBE-{i}", types[i % 4], "ipv4") for i in range(16)]
+    result = ipset.create_many([*specs, ("KUBE-NODE-PORT-TCP", "bitmap:port", "ipv4")])
+    assert result.ok and len(result.done) == 17
+    assert (result.messages, result.round_trips) == (17, 1)
+
+
+def test_create_many_conflict_fails_alone(ipset: IpsetVerbs) -> None:
+    ipset.create("B", "hash:ip")
+    ipset.add_entry("B", "10.0.0.1")
+    result = ipset.create_many([("A", "hash:ip,port", "ipv4"), ("B", "hash:ip,port", "ipv4"),
+                                ("C", "bitmap:port", "ipv4")])  # fmt: skip
+    assert result.done == {"A", "C"}
+    assert [(f.verb, f.name, f.entry, f.errno) for f in result.failures] == [
+        ("create", "B", None, errno.EEXIST)  # as create: the kernel's EEXIST, unchanged
+    ]
+    assert ipset.list_sets() == {
+        "A": SetInfo("hash:ip,port", "ipv4"),
+        "B": SetInfo("hash:ip", "ipv4"),
+        "C": SetInfo("bitmap:port", None),
+    }
+    assert ipset.list_entries("B") == {"10.0.0.1"}
+    with pytest.raises(IpsetError) as err:
+        result.raise_for_failures()
+    assert err.value.errno == errno.EEXIST
+
+
+def test_create_many_checks_every_spec_before_sending(ipset: IpsetVerbs) -> None:
+    bad_specs: list[list[tuple[str, Any, Any]]] = [
+        [("A", "hash:ip", "ipv4"), ("B", "hash:net", "ipv4")],
+        [("A", "hash:ip", "ipv4"), ("B", "hash:ip", "inet")],
+        [("A", "hash:ip", "ipv4"), ("A", "hash:ip,port", "ipv4")],
+    ]
+    for bad in bad_specs:
+        with pytest.raises(IpsetError) as err:
+            ipset.create_many(bad)
+        assert err.value.errno == errno.EINVAL
+    assert ipset.list_sets() == {}
+    nothing = ipset.create_many([])
+    assert nothing.ok and (nothing.done, nothing.messages, nothing.round_trips) == (
+        frozenset(),
+        0,
+        0,
+    )
+
+
+def test_list_all_entries_is_one_dump(ipset: IpsetVerbs) -> None:
+    ipset.create_many([*_SPECS, ("EMPTY", "hash:ip,port", "ipv4")]).raise_for_failures()
+    big = {f"10.96.{i // 250}.{i % 250},tcp:{1000 + i}" for i in range(2500)}
+    ipset.create("BIG", "hash:ip,port")
+    ipset.add_entries("BIG", sorted(big)).raise_for_failures()  # spans several dump messages
+    want = {
+        "A": {"10.0.0.1", "10.0.0.2"},
+        "B": {"fd00::1,tcp:80", "fd00::1,sctp:9"},
+        "C": {"10.0.0.1,tcp:80,10.0.0.1", "10.0.0.2,udp:53,10.0.0.9"},
+        "D": {"fd00::4,tcp:80,fd00:1::/64", "fd00::5,udp:53,fd00:2::/48"},
+        "E": {"0", "30080", "65535"},
+    }
+    for name, entries in want.items():
+        ipset.add_entries(name, sorted(entries)).raise_for_failures()
+    trips = _round_trips(ipset)
+    got = ipset.list_all_entries()
+    assert _round_trips(ipset) - trips == 1
+    assert got == {**want, "EMPTY": set(), "BIG": big}
+    for name, members in got.items():
+        assert ipset.list_entries(name) == members, name
+
+
+def test_list_all_entries_without_sets(ipset: IpsetVerbs) -> None:
+    assert ipset.list_all_entries() == {}
+
+
 def test_destroy(ipset: IpsetVerbs) -> None:
     ipset.create("A", "bitmap:port")
     ipset.create("B", "hash:ip", "ipv6")
@@ -369,6 +501,41 @@ def test_the_ipset_command_sees_upstream_strings(
     }
 
 
+@pytest.mark.parametrize("env", [pytest.param("kernel", marks=pytest.mark.netns)], indirect=True)
+def test_create_many_makes_the_sets_create_makes(env: tuple[IpsetVerbs, Netns | None]) -> None:
+    ipset, ns = env
+    require_commands("ipset")
+    assert ns is not None
+    for i, (_, set_type, family) in enumerate(_SPECS):
+        ipset.create(f"ONE{i}", set_type, family)
+    ipset.create_many([(f"MANY{i}", t, f) for i, (_, t, f) in enumerate(_SPECS)])
+    for i in range(len(_SPECS)):
+        one, many = (_cli_header(ns, f"{prefix}{i}") for prefix in ("ONE", "MANY"))
+        assert one == many, (one, many)
+    assert "family inet6 hashsize 1024 maxelem 65536" in _cli_header(ns, "MANY1")
+    assert "range 0-65535" in _cli_header(ns, "MANY4")
+
+
+@pytest.mark.parametrize("env", [pytest.param("kernel", marks=pytest.mark.netns)], indirect=True)
+def test_list_all_entries_skips_other_types(env: tuple[IpsetVerbs, Netns | None]) -> None:
+    ipset, ns = env
+    require_commands("ipset")
+    assert ns is not None
+    ns.run(["ipset", "create", "OTHER", "hash:net"])
+    ns.run(["ipset", "add", "OTHER", "10.0.0.0/8"])
+    ns.run(["ipset", "create", "MINE", "hash:ip,port"])
+    ns.run(["ipset", "add", "MINE", "10.0.0.1,udp:53"])
+    assert ipset.list_all_entries() == {"MINE": {"10.0.0.1,udp:53"}}
+    assert ipset.add_entries("MINE", ["10.0.0.2,tcp:80"]).ok
+
+
+def _cli_header(ns: Netns, name: str) -> str:
+    """``ipset list -t`` without the lines that differ between two equal sets."""
+    lines = ns.run(["ipset", "list", "-t", name]).stdout.splitlines()
+    keep = (line for line in lines if not line.startswith(("Name:", "Size in memory:")))
+    return "\n".join(re.sub(r" initval 0x[0-9a-f]+", "", line) for line in keep)
+
+
 # --- entry strings (no kernel) ------------------------------------------------------------
 
 
@@ -394,3 +561,36 @@ def test_error_is_picklable_and_names_its_input() -> None:
         ERR_EXIST,
     )
     assert str(again) == "ipset add S 10.0.0.1,tcp:80: already (errno 4103)"
+
+
+# --- the batch encoder's fast path, against the general one (no kernel) -----------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([("hash:ip", "ipv4"), ("hash:ip,port", "ipv4"), ("hash:ip", "ipv6")]),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["tcp", "udp", "sctp", "TCP", "icmp"]),
+    st.sampled_from(["80", "0", "65535", "65536", "080", "", "x", "443"]),
+    st.sampled_from(["", "0", " ", "x"]),  # spellings the fast path must hand over
+    st.booleans(),
+)
+def test_the_fast_entry_encoder_writes_what_encode_adt_writes(
+    kind: tuple[Any, Any], n: int, proto: str, port: str, junk: str, exclusive: bool
+) -> None:
+    set_type, family = kind
+    ip = str(ipaddress.IPv4Address(n))
+    text = f"{junk}{ip}" if set_type == "hash:ip" else f"{junk}{ip},{proto}:{port}"
+    info = SetInfo(set_type, family)
+    encoder = AdtEncoder(8, "KUBE-CLUSTER-IP", info, exclusive)
+    fast = encoder.fast(text)
+    try:
+        parsed = parse_entry(set_type, text, family)
+    except ValueError:
+        assert fast is None  # malformed: left to the general parser, which refuses it
+        return
+    if fast is None:  # not canonical: the general path canonicalises it
+        assert canonical_entry(set_type, text, family) != text or family == "ipv6"
+        return
+    assert canonical_entry(set_type, text, family) == text
+    assert encoder.message(fast, 9) == encode_adt(8, "KUBE-CLUSTER-IP", info, parsed, 9, exclusive)

@@ -13,7 +13,10 @@ the kernel, held to it by ``tests/kernel/test_ipset_contract.py``:
 
 It also counts the requests a real handle would send (``requests``; the batch
 verbs also ``messages_sent``/``round_trips``, chunked as the real handle), so
-callers can assert that a sync sends only the difference.
+callers can assert that a sync sends only the difference.  Like the real handle,
+the first ``create_many`` of a handle costs one more round trip (one request per
+supported type) for the kernel's type revisions, and ``list_all_entries`` is one
+dump (one message, one round trip).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from kproxy.kernel.ipset import (
     SetType,
     canonical_entries,
     canonical_entry,
+    create_specs,
 )
 from kproxy.kernel.netlink import CHUNK_MESSAGES
 
@@ -56,6 +60,7 @@ class FakeIpset(Handle):
         self.messages_sent = 0  # of the batch verbs
         self.round_trips = 0
         self._closed = False
+        self._revisions_known = False  # the real handle asks once, on its first create_many
 
     def _request(self, verb: str, name: str | None, entry: str | None = None) -> None:
         if self._closed:
@@ -157,3 +162,33 @@ class FakeIpset(Handle):
             len(texts),
             -(-len(texts) // CHUNK_MESSAGES),
         )
+
+    def create_many(self, specs: Iterable[tuple[str, SetType, Family]]) -> IpsetBatchResult:
+        if self._closed:
+            raise IpsetError("create", None, None, errno.EBADF, "handle is closed")
+        infos = create_specs(specs)
+        messages = round_trips = 0
+        if infos and not self._revisions_known:
+            self._revisions_known = True
+            messages, round_trips = len(SET_TYPES), 1
+        failures: list[IpsetError] = []
+        for name, info in infos.items():
+            existing = self.state.info.get(name)
+            if existing is None:
+                self.state.info[name] = info
+                self.state.members[name] = set()
+            elif existing != info:
+                failures.append(IpsetError("create", name, None, errno.EEXIST))
+        messages += len(infos)
+        round_trips += -(-len(infos) // CHUNK_MESSAGES)
+        self.requests += messages
+        self.messages_sent += messages
+        self.round_trips += round_trips
+        failed = {f.name for f in failures}
+        return IpsetBatchResult(frozenset(infos) - failed, tuple(failures), messages, round_trips)
+
+    def list_all_entries(self) -> dict[str, set[str]]:
+        self._request("list-all", None)
+        self.messages_sent += 1
+        self.round_trips += 1
+        return {name: set(members) for name, members in self.state.members.items()}
