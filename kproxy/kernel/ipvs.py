@@ -98,7 +98,7 @@ def _host_netmask(address: IPAddress) -> int:
 
 
 def _check_endpoint(address: object, port: int) -> None:
-    if not isinstance(address, IPv4Address | IPv6Address):
+    if not isinstance(address, (IPv4Address, IPv6Address)):  # a tuple: faster than a union
         raise TypeError(f"address must be an ipaddress object, not {address!r}")
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port out of range: {port}")
@@ -125,8 +125,11 @@ class VirtualServer:
         _check_endpoint(self.address, self.port)
         if not self.scheduler:
             raise ValueError("a virtual server needs an explicit scheduler")
-        object.__setattr__(self, "protocol", IPProtocol(self.protocol))
-        object.__setattr__(self, "flags", ServiceFlags(self.flags) & ~ServiceFlags.HASHED)
+        # The conversions only when needed: a full plan builds tens of thousands.
+        if type(self.protocol) is not IPProtocol:
+            object.__setattr__(self, "protocol", IPProtocol(self.protocol))
+        if type(self.flags) is not ServiceFlags or self.flags & ServiceFlags.HASHED:
+            object.__setattr__(self, "flags", ServiceFlags(self.flags) & ~ServiceFlags.HASHED)
         if self.netmask == 0:
             object.__setattr__(self, "netmask", _host_netmask(self.address))
 
@@ -159,7 +162,8 @@ class RealServer:
         _check_endpoint(self.address, self.port)
         if self.weight < 0:
             raise ValueError(f"negative weight: {self.weight}")
-        object.__setattr__(self, "forwarding", ForwardingMethod(self.forwarding))
+        if type(self.forwarding) is not ForwardingMethod:
+            object.__setattr__(self, "forwarding", ForwardingMethod(self.forwarding))
 
     @property
     def key(self) -> tuple[IPAddress, int]:

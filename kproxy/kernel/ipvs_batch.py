@@ -74,6 +74,7 @@ from kproxy.kernel.netlink import (
 
 __all__ = [
     "ApplyResult",
+    "Encoder",
     "IpvsBatch",
     "IpvsBatchError",
     "IpvsBulkVerbs",
@@ -308,6 +309,72 @@ def encode_op(op: IpvsOp, family_id: int, seq: int) -> bytes:
     return _message(family_id, cmd, flags, seq, body)
 
 
+class Encoder:
+    """:func:`encode_op`, byte for byte, at a fraction of its cost for big batches.
+
+    A full sync sends ten real-server requests per service: the service's key
+    attributes are encoded once and reused, and a real server's header and
+    attributes are each ONE precompiled :class:`struct.Struct` pack (the generic
+    encoder's dozen small packs and joins were most of a 55,000-request batch's
+    time under emulation).  Ports go through :func:`socket.htons`, so the native
+    pack writes network order on any host.
+    """
+
+    __slots__ = ("_family", "_keys")
+
+    def __init__(self, family_id: int) -> None:
+        self._family = family_id
+        self._keys: dict[int, tuple[VirtualServer, bytes]] = {}
+
+    def encode(self, op: IpvsOp, seq: int) -> bytes:
+        rs = op.destination
+        if rs is None:
+            return encode_op(op, self._family, seq)
+        vs = op.service
+        # By identity: a frozen dataclass rehashes every field on each lookup, and the
+        # ops of one service share its object.  The entry keeps the object, so its id
+        # cannot be reused by another while cached.
+        cached = self._keys.get(id(vs))
+        if cached is None or cached[0] is not vs:
+            cached = self._keys[id(vs)] = (vs, _service_attrs(vs, full=False))
+        key = cached[1]
+        kind = op.kind
+        cmd, flags = _CMD_FLAGS[kind]
+        raw = rs.address.packed
+        v4 = len(raw) == 4
+        if kind is OpKind.DELETE_DESTINATION:
+            layout = _DEST_KEY_V4 if v4 else _DEST_KEY_V6
+            dest = layout.pack(
+                layout.size, _ATTR_DEST | _NLA_F_NESTED, 4 + len(raw), _DEST_ADDR, raw,
+                6, _DEST_PORT, socket.htons(rs.port), 6, _DEST_ADDR_FAMILY,
+                _AF_INET if v4 else _AF_INET6,
+            )  # fmt: skip
+        else:
+            layout = _DEST_FULL_V4 if v4 else _DEST_FULL_V6
+            dest = layout.pack(
+                layout.size, _ATTR_DEST | _NLA_F_NESTED, 4 + len(raw), _DEST_ADDR, raw,
+                6, _DEST_PORT, socket.htons(rs.port), 6, _DEST_ADDR_FAMILY,
+                _AF_INET if v4 else _AF_INET6,
+                8, _DEST_FWD_METHOD, rs.forwarding.value, 8, _DEST_WEIGHT, rs.weight,
+                8, _DEST_U_THRESH, 0, 8, _DEST_L_THRESH, 0,
+            )  # fmt: skip
+        size = _HEAD.size + len(key) + len(dest)
+        return _HEAD.pack(size, self._family, flags, seq, 0, cmd, _GENL_VERSION, 0) + key + dest
+
+
+_CMD_FLAGS: Final = {
+    kind: (kind.value[0], _NLM_F_REQUEST | _NLM_F_ACK | kind.value[1]) for kind in OpKind
+}
+# nlmsghdr + genlmsghdr; a real server's nested attributes: key (address, port,
+# family) and, for add/edit, forwarding method, weight and both thresholds.
+_HEAD: Final = struct.Struct("=IHHIIBBH")
+_KEY_LAYOUT: Final = "=HHHH{n}sHHH2xHHH2x"
+_DEST_KEY_V4: Final = struct.Struct(_KEY_LAYOUT.format(n=4))
+_DEST_KEY_V6: Final = struct.Struct(_KEY_LAYOUT.format(n=16))
+_DEST_FULL_V4: Final = struct.Struct(_KEY_LAYOUT.format(n=4) + "HHI" * 4)
+_DEST_FULL_V6: Final = struct.Struct(_KEY_LAYOUT.format(n=16) + "HHI" * 4)
+
+
 # --- decoding ------------------------------------------------------------------------------
 
 
@@ -488,10 +555,11 @@ class IpvsBatch(SocketHandle):
         sent0, trips0 = self.messages_sent, self.round_trips
         by_seq: dict[int, IpvsOp] = {}
         requests: list[tuple[int, bytes]] = []
+        encode = Encoder(self._family).encode
         for op in ops:
             seq = self._sock.next_seq()
             by_seq[seq] = op
-            requests.append((seq, encode_op(op, self._family, seq)))
+            requests.append((seq, encode(op, seq)))
         try:
             failed = self._sock.send(requests)
         except OSError as e:
