@@ -17,13 +17,15 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import gc
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from kproxy.proxy.core import Snapshot
 
-__all__ = ["Mode", "SyncResult"]
+__all__ = ["Mode", "SyncResult", "paused_gc"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +53,23 @@ class Mode(Protocol):
     def sync(self, snapshot: Snapshot, full: bool) -> SyncResult: ...
 
     def cleanup(self) -> None: ...
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (a full sync, say).
+
+    A full plan allocates hundreds of thousands of acyclic objects while the
+    snapshot holds millions: every allocation-triggered collection of the old
+    generation walks them all, which made a 5,000-Service plan grow 10x for 5x
+    the Services.  Reference counting still frees everything; cycles wait for
+    the next collection after the block.  A caller that disabled the collector
+    keeps it disabled.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

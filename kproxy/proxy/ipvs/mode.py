@@ -12,11 +12,16 @@ Owns the I/O of the IPVS mode and nothing about what the plan says (that is
   server, add/edit/delete real server); removed TCP real servers drain first
   (:mod:`kproxy.proxy.ipvs.graceful`), which costs one destination dump of each
   service concerned;
-- ipsets are synced by difference (a dump per set on full syncs, the kept model
-  otherwise), addresses on ``kube-ipvs0`` are bound before and unbound after the
-  rules, as upstream;
-- the fixed nat/filter rules go in ONE ``iptables-restore --noflush``; the jump
-  rules from the built-in chains are ensured on full syncs;
+- ipsets are synced by difference before the rules that match them: on full
+  syncs all are created in one batch and read in one dump, otherwise the kept
+  model says what the kernel holds; addresses on ``kube-ipvs0`` are
+  bound with the IPVS batch and unbound after the rules, as upstream;
+- the fixed nat/filter rules go in ONE ``iptables-restore --noflush``; on full
+  syncs the jump rules from the built-in chains that ONE ``iptables-save`` lacks
+  are inserted by that same restore (upstream: an ``iptables -C``/``-I`` exec per
+  jump).  Both execs run on a thread of their own beside the netlink work (the
+  save while planning, the restore while the IPVS batch goes out), and a sync
+  waits for them before it returns;
 - at the first sync, upstream's sysctls (and the IPVS timeouts, when set);
 - virtual servers absent from the plan are deleted unless they are of the other
   family or inside ``--ipvs-exclude-cidrs`` (upstream's cleanLegacyService).
@@ -36,14 +41,14 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from kproxy.errors import KProxyError
 from kproxy.kernel import sysctl
 from kproxy.kernel.ipset import IpsetError, IpsetVerbs
-from kproxy.kernel.iptables import IptablesBackend, IptablesError, RulePosition
+from kproxy.kernel.iptables import IptablesBackend, IptablesError
 from kproxy.kernel.ipvs import IpvsError, RealServer, VirtualServer
 from kproxy.kernel.ipvs_batch import ApplyResult, IpvsBulkVerbs, IpvsOneByOne, IpvsOp, OpKind
 from kproxy.kernel.links import LinksError, LinksVerbs
@@ -52,9 +57,15 @@ from kproxy.proxy.ipvs.graceful import DEFAULT_TIMEOUT, GracefulTermination, nee
 from kproxy.proxy.ipvs.ipsets import SET_INFO, kernel_set_name
 from kproxy.proxy.ipvs.options import IpvsOptions, sysctls
 from kproxy.proxy.ipvs.plan import IpvsPlan, IpvsPlanner, PlanDelta, PlannedServer
-from kproxy.proxy.ipvs.rules import FILTER_CHAINS, JUMP_RULES, NAT_CHAINS
+from kproxy.proxy.ipvs.rules import (
+    FILTER_CHAINS,
+    JUMP_RULES,
+    NAT_CHAINS,
+    missing_jumps,
+    with_jumps,
+)
 from kproxy.proxy.metrics import ProxyMetrics
-from kproxy.proxy.mode import SyncResult
+from kproxy.proxy.mode import SyncResult, paused_gc
 from kproxy.proxy.types import IPAddress
 
 __all__ = ["IpvsMode", "IpvsSyncStats", "host_kernel_version"]
@@ -136,6 +147,8 @@ class IpvsMode:
         self._ensure_sysctl = ensure_sysctl
         self._set_timeouts = set_timeouts
         self._executor = executor
+        # iptables execs beside the netlink work (one at a time: a save, then a restore).
+        self._execs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kproxy-ipvs-exec")
         self._startup_node_ips = options.node_ips
         self.need_full = True
         self._started = False
@@ -176,12 +189,32 @@ class IpvsMode:
     # -- syncing ----------------------------------------------------------------
     def sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
         start = time.monotonic()
-        result: SyncResult = self._run(self._sync, snapshot, full or self.need_full)
+        with paused_gc():
+            result: SyncResult = self._run(self._sync, snapshot, full or self.need_full)
         return replace(result, duration=time.monotonic() - start)
 
     def _sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
         stats = IpvsSyncStats(full=full)
         self.last_stats = stats
+        # The iptables execs run beside the netlink work on the exec thread: the save
+        # (which jump rules are missing) while planning, the restore while the IPVS
+        # batch goes out.  Each exec is a process start, the costliest step of a
+        # small sync; the kernel parts do not depend on each other's order.
+        saved = self._execs.submit(self.ipt.save) if full else None
+        jobs: list[Future[Any]] = [saved] if saved is not None else []
+        try:
+            return self._sync_steps(snapshot, full, stats, saved, jobs)
+        finally:
+            wait(jobs)  # never leave an exec running into the next sync
+
+    def _sync_steps(
+        self,
+        snapshot: Snapshot,
+        full: bool,
+        stats: IpvsSyncStats,
+        saved: Future[str] | None,
+        jobs: list[Future[Any]],
+    ) -> SyncResult:
         t = time.perf_counter()
         try:
             if not self._started:
@@ -204,8 +237,14 @@ class IpvsMode:
             whole = stats.kernel_read or delta.full
             stats.timings["read"] = time.perf_counter() - t
             t = time.perf_counter()
+            # The sets first: the rules match them, so they must exist before the restore.
             self._sync_ipsets(delta, whole, stats)
             stats.timings["ipsets"] = time.perf_counter() - t
+            text = planner.restore().text
+            if saved is not None:
+                text = with_jumps(text, missing_jumps(saved.result()))
+            restoring = self._execs.submit(self._restore, text, stats)
+            jobs.append(restoring)
             t = time.perf_counter()
             ops = self._ipvs_ops(planner.servers, None if whole else delta.servers, stats)
             applied = self.ipvs.apply(ops) if ops else ApplyResult(0, 0)
@@ -225,19 +264,19 @@ class IpvsMode:
                 self._bound |= bind - {f.address for f in bound.failures}
                 stats.bound += len(bound.changed)
                 bound.raise_for_failures()
-            if full:
-                self.ensure_jumps()
-            restore = planner.restore()
+            stats.timings["bind"] = time.perf_counter() - t
         except _SYNC_ERRORS as e:
             log.error("ipvs %s sync failed: %s", "full" if full else "partial", e)
             return self._failed(full, str(e), restore=False)
+        t = time.perf_counter()
         try:
-            self.ipt.restore(restore.text, noflush=True, counters=True)
-            stats.restores = 1
+            restoring.result()
         except IptablesError as e:
             log.error("iptables-restore failed (%s sync): %s", "full" if full else "partial", e)
             return self._failed(full, str(e), restore=True)
+        stats.timings["rules-wait"] = time.perf_counter() - t
         try:
+            # Unbound after the restore, as upstream.
             if unbind:
                 unbound = self.links.delete_addresses(sorted(unbind, key=int))
                 self._bound -= unbind - {f.address for f in unbound.failures}
@@ -246,13 +285,19 @@ class IpvsMode:
         except LinksError as e:
             log.error("cannot unbind an address from %s: %s", self.links.name, e)
             return self._failed(full, str(e), restore=False)
-        stats.timings["rules"] = time.perf_counter() - t
         if not applied.ok:
             error = "; ".join(str(f) for f in applied.failures[:5])
             log.error("ipvs: %d operation(s) failed: %s", len(applied.failures), error)
             return self._failed(full, f"ipvs: {error}", restore=False)
         self.need_full = False
         return self._record(full)
+
+    def _restore(self, text: str, stats: IpvsSyncStats) -> None:
+        """The one ``iptables-restore --noflush`` of a sync (on the exec thread)."""
+        t = time.perf_counter()
+        self.ipt.restore(text, noflush=True, counters=True)
+        stats.restores = 1
+        stats.timings["rules"] = time.perf_counter() - t
 
     def _start(self) -> None:
         """Upstream's NewProxier kernel settings, once (a failure retries next sync)."""
@@ -289,16 +334,22 @@ class IpvsMode:
 
     def _sync_ipsets(self, delta: PlanDelta, whole: bool, stats: IpvsSyncStats) -> None:
         """Sets by difference, in batches: against the kept model of the sets (or, when
-        it is unknown, a dump of each); a partial sync only touches ``delta``'s sets."""
+        it is unknown, ONE dump of them all); a partial sync only touches ``delta``'s sets."""
         planner = self.planner
-        known = self._sets
         ipv6 = self.options.ipv6
+        known = self._sets
         if known is None:
+            # Upstream creates every set each sync; one batch here (idempotent), and
+            # then their members in one dump instead of a request per set.
             fam: Literal["ipv4", "ipv6"] = self._link_family
-            for info in SET_INFO:
-                set_type: Any = info.set_type
-                self.ipset.create(kernel_set_name(info.name, ipv6), set_type, fam)
-        if known is not None and not whole:
+            names = [kernel_set_name(info.name, ipv6) for info in SET_INFO]
+            types: list[Any] = [info.set_type for info in SET_INFO]
+            created = self.ipset.create_many((n, t, fam) for n, t in zip(names, types, strict=True))
+            created.raise_for_failures()
+            listed = self.ipset.list_all_entries()
+            known = self._sets = {name: listed.get(name, set()) for name in names}
+            whole = True
+        if not whole:
             for info in SET_INFO:
                 gone = delta.entries_removed.get(info.name)
                 new = delta.entries_added.get(info.name)
@@ -312,23 +363,13 @@ class IpvsMode:
                         stats,
                     )
             return
-        out: dict[str, set[str]] = {}
         for info in SET_INFO:
             name = kernel_set_name(info.name, ipv6)
             want = {str(e) for e in planner.entries(info.name)}
-            have = None if known is None else known.get(name)
-            if have is None:
-                added, removed = self.ipset.sync_entries(name, want)
-                stats.ipset_added += len(added)
-                stats.ipset_removed += len(removed)
-                out[name] = want
-            elif have != want:
+            have = known[name]
+            if have != want:
+                # _apply_entries keeps ``have`` to what took effect, even on a failure.
                 self._apply_entries(name, have, want - have, have - want, stats)
-                out[name] = have
-            else:
-                out[name] = have
-            # Recorded per set: a failure later in the loop keeps what did apply.
-            self._sets = {**(known or {}), **out}
 
     def _apply_entries(
         self, name: str, have: set[str], add: set[str], remove: set[str], stats: IpvsSyncStats
@@ -433,12 +474,6 @@ class IpvsMode:
             elif rs is not None:
                 kernel[key][1][rs.key] = rs
 
-    def ensure_jumps(self) -> None:
-        """Every jump rule from a built-in chain, at position 1 (full syncs)."""
-        for jump in JUMP_RULES:
-            self.ipt.ensure_chain(jump.table, jump.chain)
-            self.ipt.ensure_rule(RulePosition.PREPEND, jump.table, jump.source, jump.rule_args())
-
     def _record(self, full: bool) -> SyncResult:
         m, fam = self.metrics, self.family
         restore = self.planner.restore()
@@ -528,6 +563,7 @@ class IpvsMode:
                     log.warning("closing %s: %s", type(handle).__name__, e)
 
         self._run(close_all)
+        self._execs.shutdown(wait=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 

@@ -33,7 +33,9 @@ __all__ = [
     "NAT_CHAINS",
     "JumpRule",
     "RestoreText",
+    "missing_jumps",
     "restore_text",
+    "with_jumps",
 ]
 
 KUBE_SERVICES: Final = "KUBE-SERVICES"
@@ -76,6 +78,10 @@ class JumpRule:
     def rule_args(self) -> tuple[str, ...]:
         """The rule's arguments as given to ``iptables -C/-I`` (comment unquoted)."""
         return ("-m", "comment", "--comment", self.comment, "-j", self.chain)
+
+    def rule_text(self) -> str:
+        """The rule's arguments as ``iptables-save`` prints them (comment quoted)."""
+        return f'-m comment --comment "{self.comment}" -j {self.chain}'
 
 
 JUMP_RULES: Final = (
@@ -251,3 +257,45 @@ def restore_text(
         "COMMIT",
     ]
     return RestoreText("\n".join(lines) + "\n", len(nat), len(flt))
+
+
+def missing_jumps(save: str, jumps: Sequence[JumpRule] = JUMP_RULES) -> tuple[JumpRule, ...]:
+    """The ``jumps`` absent from ``iptables-save`` output (upstream's ``iptables -C``).
+
+    One save replaces a ``-C`` (and ``-N``) exec per jump: under emulation each exec
+    costs a third of a second, which made the fixed rules most of a small full sync.
+    """
+    present: set[tuple[str, str]] = set()
+    table = ""
+    for line in save.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A "):
+            chain, _, rest = line[3:].partition(" ")
+            present.add((table, f"{chain} {rest.strip()}"))
+    return tuple(j for j in jumps if (j.table, f"{j.source} {j.rule_text()}") not in present)
+
+
+def with_jumps(text: str, jumps: Sequence[JumpRule]) -> str:
+    """``text`` (restore input) with each jump inserted at position 1 of its built-in chain.
+
+    Inserted in ``jumps`` order just before the table's ``COMMIT``, after the kube
+    chains are declared, so the last jump of a chain ends up first, exactly as
+    upstream's ``iptables -I`` one jump at a time leaves them.
+    """
+    if not jumps:
+        return text
+    out: list[str] = []
+    table = ""
+    pending = list(jumps)
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line == "COMMIT":
+            out += [f"-I {j.source} 1 {j.rule_text()}" for j in pending if j.table == table]
+            pending = [j for j in pending if j.table != table]
+        out.append(line)
+    if pending:
+        # The jump's chain must be declared in the same input: never guess it here.
+        raise ValueError(f"restore input has no *{pending[0].table} table for its jump rules")
+    return "\n".join(out) + "\n"

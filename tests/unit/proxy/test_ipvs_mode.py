@@ -23,7 +23,7 @@ from kproxy.kernel.fakes.ipset import FakeIpset
 from kproxy.kernel.fakes.iptables import FakeIptables
 from kproxy.kernel.fakes.ipvs import FakeIpvs
 from kproxy.kernel.fakes.links import FakeLinks
-from kproxy.kernel.iptables import RestoreError
+from kproxy.kernel.iptables import IptablesError, RestoreError
 from kproxy.kernel.ipvs import IPProtocol, IpvsError, RealServer, VirtualServer
 from kproxy.kernel.ipvs_batch import ApplyResult, IpvsOneByOne, IpvsOp, OpFailure, OpKind
 from kproxy.proxy.core import ProxyCore
@@ -546,3 +546,81 @@ def test_an_ipvs_error_is_a_failed_sync_not_an_exception() -> None:
     rig.mode.ipvs = Broken(rig.fake_ipvs)
     result = rig.mode.sync(rig.core.snapshot(), True)
     assert not result.ok and "list-services" in result.error
+
+
+# -- the fixed rules: one save, one restore -------------------------------------------------
+
+
+class CountingIptables(FlakyIptables):
+    """Counts the execs a real backend would run (``iptables-save``, ``-restore``, ``-C``...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves = self.others = 0  # restores: the fake's own list of inputs
+
+    def save(self, table: str | None = None, *, counters: bool = False) -> str:
+        self.saves += 1
+        return super().save(table, counters=counters)
+
+    def ensure_rule(self, *a: Any) -> bool:
+        self.others += 1
+        return bool(super().ensure_rule(*a))
+
+    def ensure_chain(self, *a: Any) -> bool:
+        self.others += 1
+        return bool(super().ensure_chain(*a))
+
+
+def _jump_lines(ipt: FakeIptables, table: str, chain: str) -> list[str]:
+    return [line for line in ipt.save(table).splitlines() if line.startswith(f"-A {chain} ")]
+
+
+def test_a_full_sync_is_one_save_and_one_restore_and_keeps_each_jump_once() -> None:
+    rig = Rig()
+    ipt = CountingIptables()
+    rig.mode.ipt = ipt
+    assert rig.sync().ok
+    assert (ipt.saves, len(ipt.restores), ipt.others) == (1, 1, 0)
+    # Upstream inserts each jump at position 1, one after another: the last comes first.
+    assert _jump_lines(ipt, "filter", "INPUT") == [
+        '-A INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER',
+        '-A INPUT -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL',
+        '-A INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT',
+    ]
+    before = {t: ipt.save(t) for t in ("nat", "filter")}
+    saves = ipt.saves
+    assert rig.mode.sync(rig.core.snapshot(), True).ok
+    assert (ipt.saves - saves, len(ipt.restores), ipt.others) == (1, 2, 0)
+    assert {t: ipt.save(t) for t in ("nat", "filter")} == before  # and it added nothing
+    saves = ipt.saves
+    rig.set_endpoints(0, ["10.0.0.9"])
+    assert rig.sync().ok and not rig.mode.last_stats.full
+    assert (ipt.saves - saves, len(ipt.restores)) == (0, 3)  # a partial sync reads no rules
+
+
+def test_a_jump_removed_behind_the_proxys_back_comes_back_with_the_next_full_sync() -> None:
+    rig = Rig()
+    assert rig.sync().ok
+    rig.ipt.restore(
+        "*nat\n-D PREROUTING -m comment --comment "
+        '"kubernetes service portals" -j KUBE-SERVICES\nCOMMIT\n'
+    )
+    assert _jump_lines(rig.ipt, "nat", "PREROUTING") == []
+    assert rig.mode.sync(rig.core.snapshot(), True).ok
+    assert _jump_lines(rig.ipt, "nat", "PREROUTING") == [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES'
+    ]
+
+
+def test_a_failed_save_fails_the_full_sync_without_a_restore() -> None:
+    rig = Rig()
+    ipt = CountingIptables()
+
+    def broken_save(table: str | None = None, *, counters: bool = False) -> str:
+        raise IptablesError("iptables-save failed", stderr="injected")
+
+    ipt.save = broken_save  # type: ignore[method-assign]
+    rig.mode.ipt = ipt
+    result = rig.mode.sync(rig.core.snapshot(), True)
+    assert not result.ok and "iptables-save failed" in result.error
+    assert ipt.restores == [] and rig.mode.need_full

@@ -18,6 +18,7 @@ import pytest
 from kproxy.kernel.ipvs import IPProtocol, RealServer, ServiceFlags, VirtualServer
 from kproxy.proxy.config import ProxyConfig
 from kproxy.proxy.ipvs import (
+    JUMP_RULES,
     IPSetEntry,
     IpvsOptions,
     IpvsPlan,
@@ -28,6 +29,7 @@ from kproxy.proxy.ipvs import (
     sysctls,
 )
 from kproxy.proxy.ipvs.ipsets import kernel_set_name
+from kproxy.proxy.ipvs.rules import missing_jumps, with_jumps
 from tests.unit.proxy.goldens import NODE_NAME, make_service, make_slice, snapshot
 
 ip = ipaddress.ip_address
@@ -737,3 +739,43 @@ def test_plan_uses_kernel_value_types() -> None:
     assert p.server("10.20.30.41", 80).destinations == (RealServer(ip("10.180.0.1"), 80),)
     assert p.servers[0].kind == "cluster-ip"
     hash(p)  # frozen all the way down
+
+
+# -- jump rules: one save says which are missing, the restore inserts them ---------------------
+
+
+def test_missing_jumps_reads_iptables_save_output() -> None:
+    save = (
+        "*nat\n:PREROUTING ACCEPT [0:0]\n"
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES\n'
+        "COMMIT\n*filter\n"
+        # The same rule text in another table does not count for nat's OUTPUT.
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES\n'
+        "COMMIT\n"
+    )
+    missing = missing_jumps(save)
+    assert ("nat", "PREROUTING") not in {(j.table, j.source) for j in missing}
+    assert [(j.table, j.source, j.chain) for j in missing][:2] == [
+        ("nat", "OUTPUT", "KUBE-SERVICES"),
+        ("nat", "POSTROUTING", "KUBE-POSTROUTING"),
+    ]
+    assert len(missing) == len(JUMP_RULES) - 1
+    assert missing_jumps("") == JUMP_RULES
+
+
+def test_with_jumps_inserts_before_each_tables_commit() -> None:
+    text = "*nat\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*filter\n:KUBE-FORWARD - [0:0]\nCOMMIT\n"
+    assert with_jumps(text, ()) == text
+    nat_out, fwd = JUMP_RULES[0], JUMP_RULES[3]
+    assert with_jumps(text, (fwd, nat_out)).splitlines() == [
+        "*nat",
+        ":KUBE-SERVICES - [0:0]",
+        '-I OUTPUT 1 -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        "COMMIT",
+        "*filter",
+        ":KUBE-FORWARD - [0:0]",
+        '-I FORWARD 1 -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+        "COMMIT",
+    ]
+    with pytest.raises(ValueError, match="no \\*filter table"):
+        with_jumps("*nat\nCOMMIT\n", (fwd,))
