@@ -19,10 +19,15 @@ It needs IPVS: run it inside the VM (the host kernel has none).  From the host::
 
 boots the Debian kernel under virtme-ng once (``--disable-kvm``), runs this
 script inside and writes ``ipvs_sync.json`` to ``--out``.  Inside a guest
-(``KPROXY_IN_VM=1``) run it without ``--vm``.  Every measurement runs in a
-network namespace made for it (``kpbench-ipvs-<pid>``) and deleted in a
-``finally``; the whole run is bounded by ``--budget`` seconds (a step whose
-estimate overruns it is skipped and reported as skipped).
+(``KPROXY_IN_VM=1``) run it without ``--vm``.  Every measurement (``ipvsadm``
+or ``kproxy`` at one N) runs in a process and a network namespace of its own
+(``kpbench-ipvs-<pid>-<measure>-<N>``, deleted in a ``finally``): the kernel
+keeps deleted real servers in a per-namespace list that every add scans, so a
+measurement after another in one namespace would pay for the first.  The
+modules the rules use are loaded, and both sides run once on two Services
+(thrown away), before the first step: as on any node, nothing is cold.  The
+whole run is bounded by ``--budget`` seconds (a step whose estimate overruns it
+is skipped and reported as skipped).
 """
 
 from __future__ import annotations
@@ -46,7 +51,14 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 NODE = "bench-node"
 DEFAULT_STEPS = (100, 1000, 5000)
-GUEST_MODULES = ("ip_vs", "ip_vs_rr", "dummy", "ip_set", "nf_conntrack")
+# Loaded before any step, as on any node that has run a proxy: under emulation
+# loading a module costs about a second, which the first step would pay alone.
+GUEST_MODULES = (
+    "ip_vs", "ip_vs_rr", "dummy", "ip_set", "ip_set_hash_ip", "ip_set_hash_ipport",
+    "ip_set_hash_ipportip", "ip_set_hash_ipportnet", "ip_set_bitmap_port", "nf_conntrack",
+    "iptable_nat", "iptable_filter", "xt_set", "xt_comment", "xt_mark", "xt_addrtype",
+    "xt_conntrack", "xt_physdev", "xt_ipvs", "xt_MASQUERADE", "xt_nat",
+)  # fmt: skip
 
 Obj = dict[str, Any]
 
@@ -124,50 +136,59 @@ def _ipvsadm_text(plan: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_step(services: int, endpoints: int, repeats: int) -> Step:
-    from kproxy.kernel.ipset import Ipset
-    from kproxy.kernel.iptables import Iptables
-    from kproxy.kernel.ipvs_batch import IpvsBatch
-    from kproxy.kernel.links import Links
+def _snapshot(services: int, endpoints: int) -> tuple[Any, Any]:
     from kproxy.proxy.core import ProxyCore
-    from kproxy.proxy.ipvs import IpvsOptions
-    from kproxy.proxy.ipvs.mode import IpvsMode
 
-    step = Step(services, endpoints)
     core = ProxyCore(NODE)
     for i in range(services):
         core.on_service(None, service(i))
         core.on_endpoint_slice(None, endpoint_slice(i, endpoints))
     core.synced()
-    snap = core.snapshot()
+    return core, core.snapshot()
+
+
+def measure_ipvsadm(services: int, endpoints: int) -> dict[str, Any]:
+    """``ipvsadm -R`` of the plan's virtual and real servers into this empty namespace."""
+    from kproxy.proxy.ipvs import IpvsOptions, plan_ipvs
+
+    _, snap = _snapshot(services, endpoints)
+    text = _ipvsadm_text(plan_ipvs(snap.services, snap.endpoints, IpvsOptions(node_name=NODE)))
+    t = time.perf_counter()
+    subprocess.run(["ipvsadm", "-R"], input=text, text=True, check=True)
+    return {"ipvsadm_restore_s": time.perf_counter() - t}
+
+
+def measure_kproxy(services: int, endpoints: int, repeats: int) -> dict[str, Any]:
+    """kproxy's full sync into this empty namespace, then incremental syncs."""
+    from kproxy.kernel.ipset import Ipset
+    from kproxy.kernel.iptables import Iptables
+    from kproxy.kernel.ipvs_batch import IpvsBatch
+    from kproxy.kernel.links import Links
+    from kproxy.proxy.ipvs import IpvsOptions
+    from kproxy.proxy.ipvs.mode import IpvsMode
+
+    out: dict[str, Any] = {}
+    core, snap = _snapshot(services, endpoints)
     ipt = Iptables("ipv4", "legacy")
+    # As the daemon does before its first sync (it needs --random-fully support).
+    random_fully = ipt.has_random_fully()
     mode = IpvsMode(
         IpvsBatch(),
         Ipset(),
         Links(),
         ipt,
-        IpvsOptions(node_name=NODE),
+        IpvsOptions(node_name=NODE, random_fully=random_fully),
         verify_period=3600.0,
     )
     try:
-        # Baseline first, on an empty table: the plan's servers through ipvsadm -R.
-        from kproxy.proxy.ipvs import plan_ipvs
-
-        text = _ipvsadm_text(plan_ipvs(snap.services, snap.endpoints, mode.options))
-        subprocess.run(["ipvsadm", "-C"], check=True)
-        t = time.perf_counter()
-        subprocess.run(["ipvsadm", "-R"], input=text, text=True, check=True)
-        step.ipvsadm_restore_s = time.perf_counter() - t
-        subprocess.run(["ipvsadm", "-C"], check=True)
-
         t = time.perf_counter()
         result = mode.sync(snap, True)
-        step.full_s = time.perf_counter() - t
+        out["full_s"] = time.perf_counter() - t
         if not result.ok:
             raise RuntimeError(f"full sync failed: {result.error}")
         stats = mode.last_stats
-        step.full_parts = dict(stats.timings)
-        step.full_messages, step.full_round_trips = stats.messages, stats.round_trips
+        out["full_parts"] = dict(stats.timings)
+        out["full_messages"], out["full_round_trips"] = stats.messages, stats.round_trips
 
         old = endpoint_slice(0, endpoints)
         best = float("inf")
@@ -185,33 +206,27 @@ def run_step(services: int, endpoints: int, repeats: int) -> Step:
             if elapsed < best:
                 best = elapsed
                 stats = mode.last_stats
-                step.incremental_s = elapsed
-                step.incremental_parts = dict(stats.timings)
-                step.incremental_ops = [str(op) for op in stats.ops]
-                step.incremental_messages = stats.messages
-                step.incremental_round_trips = stats.round_trips
-                step.incremental_kernel_s = elapsed - stats.timings.get("plan", 0.0)
+                out["incremental_s"] = elapsed
+                out["incremental_parts"] = dict(stats.timings)
+                out["incremental_ops"] = [str(op) for op in stats.ops]
+                out["incremental_messages"] = stats.messages
+                out["incremental_round_trips"] = stats.round_trips
+                out["incremental_kernel_s"] = elapsed - stats.timings.get("plan", 0.0)
         mode.cleanup()
     finally:
         mode.close()
-    return step
+    return out
 
 
 # -- orchestration --------------------------------------------------------------
 def worker(args: argparse.Namespace) -> int:
-    """Inside the scratch namespace: every step, JSON lines on stdout."""
-    budget_end = time.monotonic() + args.budget
-    last: Step | None = None
-    for n in args.steps:
-        if last is not None:
-            estimate = (
-                (last.full_s + last.ipvsadm_restore_s + last.incremental_s) * n / last.services
-            )
-            if time.monotonic() + 2 * estimate > budget_end:
-                print(json.dumps(asdict(Step(n, args.endpoints, skipped="budget"))), flush=True)
-                continue
-        last = run_step(n, args.endpoints, args.repeats)
-        print(json.dumps(asdict(last)), flush=True)
+    """Inside a fresh namespace: one measurement of one step, a JSON line on stdout."""
+    n = args.steps[0]
+    if args.worker == "ipvsadm":
+        out = measure_ipvsadm(n, args.endpoints)
+    else:
+        out = measure_kproxy(n, args.endpoints, args.repeats)
+    print(json.dumps(out), flush=True)
     return 0
 
 
@@ -257,29 +272,61 @@ def report(steps: list[Step], out_dir: Path) -> None:
     print(f"wrote {out_dir / 'ipvs_sync.json'}")
 
 
-def in_guest(args: argparse.Namespace) -> int:
-    """Make the scratch namespace, run the worker inside, report; delete it always."""
-    for module in GUEST_MODULES:
-        subprocess.run(["modprobe", module], check=False)
-    ns = f"kpbench-ipvs-{os.getpid()}"
+def _in_fresh_namespace(args: argparse.Namespace, measure: str, n: int, timeout: float) -> Any:
+    """Run one measurement in a namespace made for it; delete the namespace always.
+
+    A fresh namespace per measurement, because the kernel keeps deleted real
+    servers in a per-namespace trash list for minutes and scans it on every add:
+    ``ipvsadm -R`` after a flush of 50,000 real servers took twice as long as
+    into a fresh namespace, so whichever side ran second paid for the first.
+    """
+    ns = f"kpbench-ipvs-{os.getpid()}-{measure}-{n}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         # Without lo up a new namespace has no local routing table, and the kernel
         # then calls every real-server address non-unicast (EINVAL on add).
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         argv = [
-            "ip", "netns", "exec", ns, sys.executable, str(Path(__file__).resolve()), "--worker",
-            "--steps", ",".join(map(str, args.steps)), "--endpoints", str(args.endpoints),
-            "--repeats", str(args.repeats), "--budget", str(args.budget),
+            "ip", "netns", "exec", ns, sys.executable, str(Path(__file__).resolve()),
+            "--worker", measure, "--steps", str(n), "--endpoints", str(args.endpoints),
+            "--repeats", str(args.repeats),
         ]  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.budget + 120)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-        steps = [Step(**json.loads(line)) for line in proc.stdout.splitlines() if line.strip()]
-        report(steps, args.out)
-        return proc.returncode
+            raise RuntimeError(f"{measure} at {n} failed:\n{proc.stderr}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def in_guest(args: argparse.Namespace) -> int:
+    """Every step: ipvsadm -R and kproxy, each in a fresh namespace; report."""
+    for module in GUEST_MODULES:
+        subprocess.run(["modprobe", module], check=False)
+    budget_end = time.monotonic() + args.budget
+    # One small run of each side first, thrown away: the guest reads its files over
+    # 9p, and the first start of ipvsadm or iptables-restore (a dozen extension
+    # libraries) from a cold page cache took seconds the steps must not measure.
+    _in_fresh_namespace(args, "ipvsadm", 2, 600)
+    _in_fresh_namespace(args, "kproxy", 2, 600)
+    steps: list[Step] = []
+    last: Step | None = None
+    for n in args.steps:
+        if last is not None:
+            estimate = (
+                (last.full_s + last.ipvsadm_restore_s + last.incremental_s) * n / last.services
+            )
+            if time.monotonic() + 2 * estimate > budget_end:
+                steps.append(Step(n, args.endpoints, skipped="budget"))
+                continue
+        left = max(60.0, budget_end - time.monotonic()) + 120
+        fields = _in_fresh_namespace(args, "ipvsadm", n, left)
+        fields |= _in_fresh_namespace(args, "kproxy", n, left)
+        last = Step(n, args.endpoints, **fields)
+        steps.append(last)
+        print(json.dumps(asdict(last)), flush=True)
+    report(steps, args.out)
+    return 0
 
 
 def boot_vm(args: argparse.Namespace) -> int:
@@ -324,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=900.0, help="seconds for all steps")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--vm", action="store_true", help="boot the VM and run inside it")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ipvsadm", "kproxy"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = list(args.steps)
     if args.worker:
