@@ -54,7 +54,8 @@ PODS = {"pod1": "10.244.1.2", "pod2": "10.244.1.3", "pod3": "10.244.1.4"}
 CONSUMER = r"""
 import importlib, ipaddress, json, sys, time
 from kproxy.kernel.nfqueue import NfQueue, read_queue_stats
-from kproxy.proxy.nfqueue.handler import Decider, QueueHandler, ServiceSelection
+from kproxy.proxy.nfqueue.decider import Decider, ServiceSelection
+from kproxy.proxy.nfqueue.handler import QueueHandler
 from kproxy.proxy.types import ServicePortName
 variant, seconds = sys.argv[1], float(sys.argv[2])
 eps = tuple(f"10.1.0.{i}:8080" for i in range(1, 11))
@@ -98,7 +99,7 @@ q.close()
 LOOP_CONSUMER = r"""
 import importlib, ipaddress, json, sys, time
 from kproxy.kernel.nfqueue import read_queue_stats
-from kproxy.proxy.nfqueue.handler import Decider, ServiceSelection
+from kproxy.proxy.nfqueue.decider import Decider, ServiceSelection
 from kproxy.proxy.nfqueue.rules import MARK_MASK
 from kproxy.proxy.types import ServicePortName
 variant, seconds = sys.argv[1], float(sys.argv[2])
@@ -257,7 +258,7 @@ def handler_rate(variant: str, seconds: float, sender: Path | None = None) -> di
 def decide_rate(module: str, n: int) -> float:
     import ipaddress
 
-    from kproxy.proxy.nfqueue.handler import Decider, ServiceSelection
+    from kproxy.proxy.nfqueue.decider import Decider, ServiceSelection
     from kproxy.proxy.types import ServicePortName
 
     impl = importlib.import_module(module)

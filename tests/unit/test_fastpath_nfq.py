@@ -22,7 +22,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 
 from kproxy import _fastpath_py, fastpath
-from kproxy.proxy.nfqueue.handler import Decider, ServiceSelection
+from kproxy.proxy.nfqueue.decider import Decider, ServiceSelection
 from kproxy.proxy.nfqueue.rules import MARK_MASK
 from kproxy.proxy.types import ServicePortName
 

@@ -54,17 +54,9 @@ from kproxy.proxy.config import ProxyConfig
 from kproxy.proxy.core import ProxyCore, Snapshot
 from kproxy.proxy.metrics import ProxyMetrics
 from kproxy.proxy.mode import SyncResult
-from kproxy.proxy.nfqueue.handler import (
-    DEFAULT_TABLE_SIZE,
-    MAGLEV,
-    Decider,
-    FallbackCounts,
-    LoopHandler,
-    NfqueueCollector,
-    QueueFactory,
-    QueueHandler,
-    ServiceSelection,
-)
+from kproxy.proxy.nfqueue.collector import FallbackCounts, NfqueueCollector
+from kproxy.proxy.nfqueue.decider import DEFAULT_TABLE_SIZE, MAGLEV, Decider, ServiceSelection
+from kproxy.proxy.nfqueue.handler import LoopHandler, QueueFactory, QueueHandler
 from kproxy.proxy.nfqueue.rules import (
     JUMPS,
     MANGLE_CHAIN,

@@ -26,12 +26,9 @@ from scapy.layers.inet6 import (  # type: ignore[attr-defined]
 from scapy.packet import Packet, Raw
 
 from kproxy import fastpath
-from kproxy.proxy.nfqueue.handler import (
-    Decider,
-    NfqueueCollector,
-    QueueHandler,
-    ServiceSelection,
-)
+from kproxy.proxy.nfqueue.collector import NfqueueCollector
+from kproxy.proxy.nfqueue.decider import Decider, ServiceSelection
+from kproxy.proxy.nfqueue.handler import QueueHandler
 from kproxy.proxy.nfqueue.rules import MARK_MASK, MARK_SHIFT
 from kproxy.proxy.types import ServicePortName
 
