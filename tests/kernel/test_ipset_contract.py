@@ -25,18 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy.kernel.fakes.ipset import FakeIpset
-from kproxy.kernel.ipset import (
-    ERR_EXIST,
-    AdtEncoder,
-    Ipset,
-    IpsetBatchResult,
-    IpsetError,
-    IpsetVerbs,
-    SetInfo,
-    canonical_entry,
-    encode_adt,
-    parse_entry,
-)
+from kproxy.kernel.ipset import ERR_EXIST, Ipset, IpsetBatchResult, IpsetError, IpsetVerbs
+from kproxy.kernel.ipset_wire import AdtEncoder, SetInfo, canonical_entry, encode_adt, parse_entry
 from tests.support.netns import Netns, NetnsFactory
 from tests.support.tiers import require_commands
 

@@ -33,16 +33,14 @@ from kproxy.kernel.ipvs import (
     VirtualServer,
 )
 from kproxy.kernel.ipvs_batch import (
-    _DEST_KINDS,
-    Encoder,
     IpvsBatch,
     IpvsBatchError,
     IpvsBulkVerbs,
     IpvsOneByOne,
     IpvsOp,
     OpKind,
-    encode_op,
 )
+from kproxy.kernel.ipvs_wire import _DEST_KINDS, Encoder, encode_op
 
 VS = VirtualServer(ip_address("10.96.0.10"), 80, IPProtocol.TCP, scheduler="rr")
 VS6 = VirtualServer(ip_address("fd00:96::10"), 443, IPProtocol.UDP, scheduler="mh",
