@@ -15,7 +15,7 @@ Owns the I/O of the IPVS mode and nothing about what the plan says (that is
 - ipsets are synced by difference before the rules that match them: on full
   syncs all are created in one batch and read in one dump, otherwise the kept
   model says what the kernel holds; addresses on ``kube-ipvs0`` are
-  bound with the IPVS batch and unbound after the rules, as upstream;
+  bound after the IPVS batch and unbound after the rules, as upstream;
 - the fixed nat/filter rules go in ONE ``iptables-restore --noflush``; on full
   syncs the jump rules from the built-in chains that ONE ``iptables-save`` lacks
   are inserted by that same restore (upstream: an ``iptables -C``/``-I`` exec per
