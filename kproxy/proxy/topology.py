@@ -95,7 +95,12 @@ def categorize_endpoints(
     if svc.uses_cluster_endpoints:
         zone = (topology_labels or {}).get(ZONE_LABEL, "")
         mode = _topology_mode(endpoints, node_name, zone, prefer_same_node)
-        cluster = _filter(endpoints, lambda ep: ep.ready and _available(ep, mode, node_name, zone))
+        if mode:
+            cluster = _filter(
+                endpoints, lambda ep: ep.ready and _available(ep, mode, node_name, zone)
+            )
+        else:  # no topology: every ready endpoint (the common case, kept cheap)
+            cluster = tuple(ep for ep in endpoints if ep.ready)
         if not cluster:
             # No ready endpoint anywhere (topology was already ignored if it
             # selected none), so fall back to endpoints that are still serving.

@@ -227,10 +227,12 @@ class _PieceBuilder:
                     self.no_local_internal = True
                 if cat.has_any and svc.external_policy_local:
                     self.no_local_external = True
-        seen: dict[str, RealServer] = {}
+        # (ip, port) names an endpoint as its ``IP:port`` string does, without building it.
+        seen: dict[tuple[str, int], RealServer] = {}
         for ep in chosen:
-            if ep.endpoint not in seen:
-                seen[ep.endpoint] = _real_server(ep.ip, ep.port)
+            key = (ep.ip, ep.port)
+            if key not in seen:
+                seen[key] = _real_server(ep.ip, ep.port)
         return tuple(seen.values())
 
     def server(self, vs: VirtualServer, kind: str, destinations: tuple[RealServer, ...]) -> None:
