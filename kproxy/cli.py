@@ -13,7 +13,10 @@ Commands:
 - ``kproxy kubelet`` — the node agent (pods as processes in their own netns);
 - ``kproxy proxy`` — the node proxy (``--objects FILE`` or ``--kubeconfig``),
   with ``--dry-run`` to print each sync instead of applying it, and
-  ``--cleanup`` to remove everything the mode created.
+  ``--cleanup`` to remove everything the mode created;
+- ``kproxy cluster up`` — all of the above as a whole cluster on this machine, in
+  network namespaces, until Ctrl-C/SIGTERM (``cluster down PREFIX`` removes what a
+  killed one left), see :mod:`kproxy.localcluster.command`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kproxy import __version__, controlplane_commands, fastpath
 from kproxy.apiserver import command as apiserver_command
 from kproxy.errors import KProxyError
 from kproxy.kubelet import command as kubelet_command
+from kproxy.localcluster import command as cluster_command
 from kproxy.proxy.config import add_flags, from_args
 from kproxy.proxy.iptables.options import HostFeatures, detect_host_features, render_options
 
@@ -155,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print each sync, apply nothing")
     p.add_argument("--cleanup", action="store_true", help="remove kproxy's rules and exit")
     p.set_defaults(func=cmd_proxy)
+
+    p = sub.add_parser("cluster", help="a whole cluster on this machine, in network namespaces")
+    cluster_command.add_flags(p)
     return parser
 
 

@@ -1,9 +1,10 @@
 """`make demo`: a whole kproxy cluster on this machine, inside throwaway network namespaces.
 
-``scripts/cluster.py`` brings up a hub namespace with ``kproxy apiserver`` (the embedded
-SQLite store, TLS), ``kproxy controller-manager`` and ``kproxy scheduler``, and two node
-namespaces, each running ``kproxy kubelet`` (pods are processes in their own network
-namespaces, on the node's bridge, with IPs from the node's podCIDR) and ``kproxy proxy``;
+:func:`kproxy.localcluster.cluster_up` (what ``kproxy cluster up`` runs) brings up a
+hub namespace with ``kproxy apiserver`` (the embedded SQLite store, TLS), ``kproxy
+controller-manager`` and ``kproxy scheduler``, and two node namespaces, each running
+``kproxy kubelet`` (pods are processes in their own network namespaces, on the node's
+bridge, with IPs from the node's podCIDR) and ``kproxy proxy``;
 the nodes route each other's podCIDRs ("host-gw").
 
 Then a Deployment and a NodePort Service are applied (with kubectl when it is
@@ -30,10 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cluster import cluster_up  # scripts/cluster.py (this directory is on sys.path)
-
 from kproxy.client.rest import DEPLOYMENTS, PODS, SERVICES
-from tests.support.cluster import Agent, Cluster, wait_for
+from kproxy.localcluster import HUB_IP, Agent, Cluster, cluster_up, wait_for
 
 DEADLINE_S = 180
 REPLICAS = 4
@@ -160,9 +159,9 @@ def main() -> None:
     print(subprocess.run([kproxy, "version"], capture_output=True, text=True).stdout.strip())
     step("bring up: hub (apiserver on SQLite, controller-manager, scheduler) + 2 nodes")
     t0 = time.monotonic()
-    with cluster_up(tag="kpdemo", proxy_mode=MODES[0]) as c:
+    with cluster_up(name="kpdemo", proxy_mode=MODES[0]) as c:
         print(f"up in {time.monotonic() - t0:.1f}s; logs and PKI under {c.workdir}")
-        print(f"hub {c.hub}: apiserver https://10.99.0.1:6443")
+        print(f"hub {c.hub}: apiserver {c.apiserver_url} ({HUB_IP} exists only in the hub)")
         for node in c.nodes.values():
             print(f"{node.name}: netns {node.ns}, IP {node.ip}, podCIDR {node.pod_cidr}")
         if shutil.which("kubectl"):

@@ -47,6 +47,7 @@ __all__ = [
     "NETNS_DIR",
     "PodNet",
     "PodNetError",
+    "enter_netns",
     "host_if_name",
     "list_netns",
     "netns_argv",
@@ -133,6 +134,17 @@ def _setns(fd: int) -> None:
     if _libc.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def enter_netns(name: str) -> None:
+    """Move the *calling thread* into network namespace ``name`` (setns(2) is per thread)."""
+    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"setns({name}): {e.strerror}") from e
+    finally:
+        os.close(fd)
 
 
 def _ipr(name: str | None = None) -> Any:
