@@ -21,14 +21,16 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -38,10 +40,21 @@ __all__ = ["PREFIX", "Netns", "NetnsCleanupError", "NetnsFactory", "netns"]
 
 PREFIX = "kpt-"
 _TIMEOUT_S = 30.0
+T = TypeVar("T")
 
 
 class NetnsCleanupError(RuntimeError):
     """A namespace or process outlived its test."""
+
+
+def _call_child(conn: Connection, ns: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    from kproxy.kernel.podnet import enter_netns
+
+    try:
+        enter_netns(ns)  # the forked child is single-threaded: the whole process moves
+        conn.send(("ok", fn(*args)))
+    except BaseException as e:  # sent back and re-raised in the test
+        conn.send(("err", f"{type(e).__name__}: {e}"))
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -104,6 +117,26 @@ class Netns:
         )
         self._procs.append(p)
         return p
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 120.0) -> T:
+        """``fn(*args)`` in a forked child that joined the namespace (kernel tables such
+        as IPVS are per namespace); forking spares a Python start, which costs seconds
+        under emulation.  ``fn``'s exception comes back as an AssertionError."""
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_call_child, args=(child, self.name, fn, args), daemon=True)
+        proc.start()
+        try:
+            assert parent.poll(timeout), f"{fn.__name__} did not finish in {timeout} s"
+            status, value = parent.recv()
+        finally:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        if status == "err":
+            raise AssertionError(f"{fn.__name__} in {self.name}: {value}")
+        return value  # type: ignore[no-any-return]
 
     def ip(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``ip -n NAME ARGS`` (raises on failure)."""

@@ -16,16 +16,12 @@ the ClusterIP six times; ``rr`` must alternate between the two echo pods.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
 from ipaddress import ip_address
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -33,7 +29,7 @@ from kproxy.kernel import sysctl
 from kproxy.kernel.ipvs import IPProtocol, RealServer, VirtualServer
 from kproxy.kernel.ipvs_batch import IpvsBatch, IpvsOp
 from kproxy.kernel.links import Links
-from tests.support.netns import Netns, NetnsFactory
+from tests.support.netns import NetnsFactory
 
 pytestmark = pytest.mark.vm
 
@@ -69,35 +65,6 @@ def _connect(host: str, port: int, n: int) -> list[str]:
     return names
 
 
-def _child(conn: Connection, ns: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    from pyroute2.netns import setns
-
-    try:
-        setns(ns, flags=0)
-        conn.send(("ok", fn(*args)))
-    except BaseException as e:  # sent back and re-raised in the test
-        conn.send(("err", repr(e)))
-
-
-def _in_netns(ns: Netns, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a forked child inside ``ns`` (IPVS tables are per namespace);
-    forking spares a Python start, which costs seconds under emulation."""
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(child, ns.name, fn, args), daemon=True)
-    proc.start()
-    try:
-        assert parent.poll(120), f"{fn.__name__} did not finish"
-        status, value = parent.recv()
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-    if status == "err":
-        raise AssertionError(f"{fn.__name__} in {ns.name}: {value}")
-    return value
-
-
 def test_cluster_ip_round_robins_between_two_pods(netns: NetnsFactory) -> None:
     assert os.environ.get("KPROXY_IN_VM") == "1", "programs IPVS: only inside the VM"
     node = netns()
@@ -116,10 +83,10 @@ def test_cluster_ip_round_robins_between_two_pods(netns: NetnsFactory) -> None:
 
     # every pod answers directly first (and the servers are up)
     for name, (_gw, ip) in PODS.items():
-        assert _in_netns(node, _connect, ip, POD_PORT, 1) == [name]
+        assert node.call(_connect, ip, POD_PORT, 1) == [name]
 
-    assert _in_netns(node, _program_ipvs) == ["10.244.1.2:8080", "10.244.2.2:8080"]
-    answers = _in_netns(node, _connect, VIP, PORT, 6)
+    assert node.call(_program_ipvs) == ["10.244.1.2:8080", "10.244.2.2:8080"]
+    answers = node.call(_connect, VIP, PORT, 6)
     assert len(answers) == 6
     assert sorted(set(answers)) == ["pod-a", "pod-b"]
     assert all(a != b for a, b in itertools.pairwise(answers)), answers
