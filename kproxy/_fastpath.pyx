@@ -282,7 +282,11 @@ __all__ += [
     "parse_packet",
 ]
 
+# The relay loop: RelayLoop (thread, control pipe, API), its byte relay and its
+# accept/dial; twins _fastpath_relay_py, _fastpath_splice_py, _fastpath_accept_py.
 include "_fastpath_relay.pxi"
+include "_fastpath_splice.pxi"
+include "_fastpath_accept.pxi"
 
 __all__ += ["RELAY_COPY_BUFFER", "RelayLoop"]
 

@@ -241,7 +241,8 @@ __all__ += [
     "parse_packet",
 ]
 
-from kproxy._fastpath_relay_py import RELAY_COPY_BUFFER, RelayLoop  # noqa: E402
+from kproxy._fastpath_relay_py import RelayLoop  # noqa: E402
+from kproxy._fastpath_splice_py import RELAY_COPY_BUFFER  # noqa: E402
 
 __all__ += ["RELAY_COPY_BUFFER", "RelayLoop"]
 

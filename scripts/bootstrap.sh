@@ -43,7 +43,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 stamp=.venv/.kproxy-bootstrap
-inputs=(pyproject.toml setup.py kproxy/_fastpath.pyx scripts/bootstrap.sh)
+# The extension's sources: the .pyx and every .pxi it includes.
+inputs=(pyproject.toml setup.py kproxy/_fastpath.pyx kproxy/_fastpath_*.pxi scripts/bootstrap.sh)
 fresh=1
 if [ -f "$stamp" ] && [ -x .venv/bin/python ]; then
   for f in "${inputs[@]}"; do

@@ -6,8 +6,8 @@ Python socket objects and handed, as two raw fds, to one relay thread that
 splices bytes through pooled pipes in an epoll loop; the compiled build runs
 that loop in C with the GIL released, so relayed bytes never enter Python.
 The relay semantics (half-close with ``shutdown(SHUT_WR)``, an error on one leg
-resets both, ``abort_all``) are the loop's own; see
-:mod:`kproxy._fastpath_relay_py`.
+resets both) are the loop's own, see :mod:`kproxy._fastpath_splice_py`; ``abort_all``
+and ``close`` are :mod:`kproxy._fastpath_relay_py`'s.
 
 It can also take a whole listener (:meth:`SpliceRelay.listen`): the loop then
 accepts, dials the next endpoint of a round robin Python keeps up to date
