@@ -1,10 +1,11 @@
 """The fixed iptables rules of the IPVS mode (upstream's ``writeIptablesRules``).
 
 Owns the chain names, the jump rules from built-in chains (upstream's
-``iptablesJumpChain``, ensured with ``iptables -I`` by the applier, never
-restored), the set → chain table (``ipsetWithIptablesChain``) and
-:func:`restore_text`, which writes the nat and filter tables for
-``iptables-restore --noflush``.
+``iptablesJumpChain``: :func:`missing_jumps` reads which ones an ``iptables-save``
+lacks and :func:`with_jumps` inserts those at position 1 in the restore input,
+where upstream runs ``iptables -C``/``-I`` per jump), the set → chain table
+(``ipsetWithIptablesChain``) and :func:`restore_text`, which writes the nat and
+filter tables for ``iptables-restore --noflush``.
 
 Invariants:
 - the text is ``*nat``, chains, rules, ``COMMIT``, ``*filter``, chains, rules,
@@ -68,7 +69,7 @@ FILTER_CHAINS: Final = (
 
 @dataclass(frozen=True, slots=True)
 class JumpRule:
-    """A jump from a built-in chain, ensured at position 1 (``iptables -I``)."""
+    """A jump from a built-in chain, kept at position 1 when added (``iptables -I``)."""
 
     table: str
     source: str  # the built-in chain
