@@ -402,14 +402,7 @@ cdef void _connected(RelayLoop self, Py_ssize_t slot, uint32_t events) noexcept 
     c.be = NULL
     c.dialling = False
     for d in range(2):
-        if self._force_copy:
-            c.copy[d] = True
-        elif _pipe_get(self, &c.pipe[d]) != 0:
-            c.copy[d] = True
-        if c.copy[d]:
-            c.buf[d] = <uint8_t*>malloc(_COPY_BUF)
-            if c.buf[d] == NULL:
-                c.error = ECONNABORTED
+        _pipe_or_copy(self, c, d)
     # The backend leg is registered already (same events, same tag).
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
     ev.data.u64 = (<uint64_t>slot) << 1

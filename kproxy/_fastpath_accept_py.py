@@ -38,7 +38,14 @@ import socket
 import time
 from typing import TYPE_CHECKING, Final
 
-from kproxy._fastpath_splice_py import _ET_EVENTS, _Conn, _finish, _linger_zero, _pipe_get, _service
+from kproxy._fastpath_splice_py import (
+    _ET_EVENTS,
+    _Conn,
+    _finish,
+    _linger_zero,
+    _pipe_or_copy,
+    _service,
+)
 
 if TYPE_CHECKING:
     from kproxy._fastpath_relay_py import RelayLoop
@@ -253,13 +260,7 @@ def _connected(self: RelayLoop, c: _Conn, mask: int) -> None:
     c.dialling = False
     c.be = ()
     for d in (0, 1):
-        if self._force_copy:
-            c.copy[d] = True
-        else:
-            try:
-                c.pipe[d] = _pipe_get(self)
-            except OSError:
-                c.copy[d] = True
+        _pipe_or_copy(self, c, d)
     # The backend leg is registered already (same events).
     try:
         self._ep.register(c.fd[0], _ET_EVENTS)

@@ -108,6 +108,19 @@ cdef int _grow(RelayLoop self) noexcept nogil:
     return 0
 
 
+cdef void _pipe_or_copy(RelayLoop self, _Conn* c, int d) noexcept nogil:
+    # Direction d gets a pooled pipe, or a copy buffer (force_copy, or out of
+    # pipes: copying a pair beats refusing it); no buffer either aborts the pair.
+    if self._force_copy:
+        c.copy[d] = True
+    elif _pipe_get(self, &c.pipe[d]) != 0:
+        c.copy[d] = True
+    if c.copy[d]:
+        c.buf[d] = <uint8_t*>malloc(_COPY_BUF)
+        if c.buf[d] == NULL:
+            c.error = ECONNABORTED
+
+
 cdef int _pipe_get(RelayLoop self, _Pipe* p) noexcept nogil:
     cdef int fds[2]
     cdef int size
@@ -166,14 +179,7 @@ cdef void _add(RelayLoop self, int cfd, int bfd, int64_t cid) noexcept nogil:
     for d in range(2):
         fcntl(c.fd[d], F_SETFL, fcntl(c.fd[d], F_GETFL) | O_NONBLOCK)
         setsockopt(c.fd[d], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
-        if self._force_copy:
-            c.copy[d] = True
-        elif _pipe_get(self, &c.pipe[d]) != 0:
-            c.copy[d] = True  # out of pipes: copy this pair instead of refusing it
-        if c.copy[d]:
-            c.buf[d] = <uint8_t*>malloc(_COPY_BUF)
-            if c.buf[d] == NULL:
-                c.error = ECONNABORTED
+        _pipe_or_copy(self, c, d)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = ((<uint64_t>slot) << 1) | <uint64_t>d
         if epoll_ctl(self._ep, EPOLL_CTL_ADD, c.fd[d], &ev) != 0:

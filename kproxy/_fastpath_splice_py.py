@@ -112,6 +112,18 @@ def _close_pool(self: RelayLoop) -> None:
         os.close(p.w)
 
 
+def _pipe_or_copy(self: RelayLoop, c: _Conn, d: int) -> None:
+    """Direction ``d`` of ``c`` gets a pooled pipe, or copies (``force_copy``, or out
+    of pipes: copying a pair beats refusing it)."""
+    if self._force_copy:
+        c.copy[d] = True
+        return
+    try:
+        c.pipe[d] = _pipe_get(self)
+    except OSError:
+        c.copy[d] = True
+
+
 def _add(self: RelayLoop, cfd: int, bfd: int, cid: int) -> None:
     self.started += 1
     self.active += 1
@@ -130,13 +142,7 @@ def _add(self: RelayLoop, cfd: int, bfd: int, cid: int) -> None:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (tests use AF_UNIX pairs): nothing to tune
-        if self._force_copy:
-            c.copy[d] = True
-        else:
-            try:
-                c.pipe[d] = _pipe_get(self)
-            except OSError:
-                c.copy[d] = True  # out of pipes: copy this pair instead of refusing it
+        _pipe_or_copy(self, c, d)
         try:
             self._ep.register(fd, _ET_EVENTS)
         except OSError as e:
