@@ -14,8 +14,9 @@ session guard in ``tests/conftest.py`` checks is gone at the end of the run.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kproxy.localcluster import (
     CLUSTER_CIDR,
@@ -52,27 +53,12 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def running_cluster(
-    workdir: Path,
-    prefix: str,
-    *,
-    nodes: Mapping[str, Mapping[str, str]] | None = None,
-    proxy_mode: str = "iptables",
-    iptables_backend: str = "nft",
-    node_monitor_grace_period: str = "8s",
-) -> Iterator[Cluster]:
-    """:func:`kproxy.localcluster.running_cluster`, skipped (failed under CI) where this
-    machine cannot run it."""
+def running_cluster(workdir: Path, prefix: str, **options: Any) -> Iterator[Cluster]:
+    """:func:`kproxy.localcluster.running_cluster` (same ``options``), skipped (failed
+    under CI) where this machine cannot run it."""
     try:
-        check_prerequisites(iptables_backend)
+        check_prerequisites(options.get("iptables_backend", "nft"))
     except PrerequisiteMissing as exc:
         require(False, str(exc))
-    with _running_cluster(
-        workdir,
-        prefix,
-        nodes=nodes,
-        proxy_mode=proxy_mode,
-        iptables_backend=iptables_backend,
-        node_monitor_grace_period=node_monitor_grace_period,
-    ) as cluster:
+    with _running_cluster(workdir, prefix, **options) as cluster:
         yield cluster
