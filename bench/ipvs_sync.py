@@ -219,8 +219,23 @@ def measure_kproxy(services: int, endpoints: int, repeats: int) -> dict[str, Any
 
 
 # -- orchestration --------------------------------------------------------------
+def _inside(netns: str) -> bool:
+    """Whether this process runs in the named network namespace (and no other)."""
+    try:
+        mine = os.stat("/proc/self/ns/net")
+        named = os.stat(f"/run/netns/{netns}")
+    except OSError:
+        return False
+    return bool(netns) and (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
+
+
 def worker(args: argparse.Namespace) -> int:
     """Inside a fresh namespace: one measurement of one step, a JSON line on stdout."""
+    if not _inside(args.netns):
+        # It programs IPVS, ipsets, kube-ipvs0 and iptables: only in the namespace made
+        # for it, never the machine's own.
+        print("--worker runs only inside the namespace in_guest() made for it", file=sys.stderr)
+        return 2
     n = args.steps[0]
     if args.worker == "ipvsadm":
         out = measure_ipvsadm(n, args.endpoints)
@@ -288,8 +303,8 @@ def _in_fresh_namespace(args: argparse.Namespace, measure: str, n: int, timeout:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         argv = [
             "ip", "netns", "exec", ns, sys.executable, str(Path(__file__).resolve()),
-            "--worker", measure, "--steps", str(n), "--endpoints", str(args.endpoints),
-            "--repeats", str(args.repeats),
+            "--worker", measure, "--netns", ns, "--steps", str(n),
+            "--endpoints", str(args.endpoints), "--repeats", str(args.repeats),
         ]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
@@ -372,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--vm", action="store_true", help="boot the VM and run inside it")
     p.add_argument("--worker", choices=("ipvsadm", "kproxy"), help=argparse.SUPPRESS)
+    p.add_argument("--netns", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = list(args.steps)
     if args.worker:
