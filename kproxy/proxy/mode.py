@@ -39,7 +39,6 @@ class SyncResult:
     # Rules the mode owns per table after this sync (written + untouched - deleted).
     rules_total: Mapping[str, int] = field(default_factory=dict)
     error: str = ""
-    duration: float = 0.0
     deleted_chains: int = 0
 
 

@@ -164,10 +164,7 @@ class IptablesMode(_Renders):
         self.ipt = ipt
 
     def sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
-        start = time.monotonic()
-        full = full or self.need_full
-        result = self._sync(snapshot, full)
-        return replace(result, duration=time.monotonic() - start)
+        return self._sync(snapshot, full or self.need_full)
 
     def _sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
         if full:
@@ -267,7 +264,6 @@ class DryRunIptablesMode(_Renders):
         self.existing_nat: set[str] = set()
 
     def sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
-        start = time.monotonic()
         full = full or self.need_full
         existing: set[str] | None = None
         if self.cleanup_due(snapshot):
@@ -282,7 +278,7 @@ class DryRunIptablesMode(_Renders):
         self.existing_nat |= set(_CHAIN_LINE.findall(nat))
         self.existing_nat -= set(_DELETE_LINE.findall(nat))
         self.need_full = False
-        return replace(self.record(rendered), duration=time.monotonic() - start)
+        return self.record(rendered)
 
     def canary_present(self) -> bool:
         return True

@@ -188,10 +188,9 @@ class IpvsMode:
 
     # -- syncing ----------------------------------------------------------------
     def sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
-        start = time.monotonic()
         with paused_gc():
             result: SyncResult = self._run(self._sync, snapshot, full or self.need_full)
-        return replace(result, duration=time.monotonic() - start)
+        return result
 
     def _sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
         stats = IpvsSyncStats(full=full)

@@ -194,11 +194,8 @@ class NfqueueMode:
 
     # -- sync ------------------------------------------------------------------
     def sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
-        start = time.monotonic()
         with self._lock:
-            full = full or self.need_full
-            result = self._sync(snapshot, full)
-        return replace(result, duration=time.monotonic() - start)
+            return self._sync(snapshot, full or self.need_full)
 
     def _sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
         wanted = self._wanted(snapshot)

@@ -38,7 +38,6 @@ import contextlib
 import logging
 import re
 import threading
-import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
@@ -197,11 +196,8 @@ class UserspaceMode:
 
     # -- sync ------------------------------------------------------------------
     def sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
-        start = time.monotonic()
         with self._lock:
-            full = full or self.need_full
-            result = self._sync(snapshot, full)
-        return replace(result, duration=time.monotonic() - start)
+            return self._sync(snapshot, full or self.need_full)
 
     def _sync(self, snapshot: Snapshot, full: bool) -> SyncResult:
         wanted = self._wanted(snapshot)
