@@ -21,24 +21,10 @@ from kproxy.proxy.userspace.proxysocket import (
     parse_port_range,
 )
 from kproxy.proxy.userspace.relay import AsyncioRelay
+from tests.support.backends import backend
 
 SVC = ServicePortName("ns", "web", "http", "TCP")
 FAST_DIALS = (0.2, 0.2, 0.2, 0.2)
-
-
-async def backend(name: str) -> tuple[asyncio.Server, str]:
-    """Reads until EOF (the client's half-close), then answers ``<name> <bytes>``."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        n = 0
-        while chunk := await reader.read(65536):
-            n += len(chunk)
-        writer.write(f"{name} {n}".encode())
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 def dead_endpoint() -> str:
