@@ -47,6 +47,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import _workload as workload
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 NODE = "bench-node"
@@ -86,23 +88,7 @@ def _ip(n: int) -> str:
 
 
 def endpoint_slice(i: int, endpoints: int, first: int | None = None) -> Obj:
-    base = 1 + i * endpoints
-    addrs = [_ip(base + j) for j in range(endpoints)]
-    if first is not None:
-        addrs[0] = _ip(first)
-    return {
-        "metadata": {
-            "namespace": f"ns{i % 50}",
-            "name": f"svc{i}-1",
-            "labels": {"kubernetes.io/service-name": f"svc{i}"},
-        },
-        "addressType": "IPv4",
-        "endpoints": [
-            {"addresses": [a], "conditions": {"ready": True}, "nodeName": f"node{j}"}
-            for j, a in enumerate(addrs)
-        ],
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    }
+    return workload.endpoint_slice(i, endpoints, _ip, first)
 
 
 # -- one step, inside the scratch namespace -------------------------------------
@@ -137,12 +123,7 @@ def _ipvsadm_text(plan: Any) -> str:
 
 
 def _snapshot(services: int, endpoints: int) -> tuple[Any, Any]:
-    from kproxy.proxy.core import ProxyCore
-
-    core = ProxyCore(NODE)
-    for i in range(services):
-        core.on_service(None, service(i))
-        core.on_endpoint_slice(None, endpoint_slice(i, endpoints))
+    core = workload.build_core(NODE, services, service, lambda i: endpoint_slice(i, endpoints))
     core.synced()
     return core, core.snapshot()
 

@@ -54,6 +54,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import _workload as workload
 from kproxy import _fastpath_py, fastpath
 from kproxy.errors import KProxyError
 from kproxy.kernel.iptables import Iptables
@@ -92,36 +93,13 @@ def _ip(n: int) -> str:
 
 
 def endpoint_slice(i: int, endpoints: int, first: int | None = None) -> Obj:
-    """The one EndpointSlice of Service ``i``: ``endpoints`` ready pods on other nodes.
-
-    ``first`` replaces the first endpoint's address index (the churn step).
-    """
-    base = 1 + i * endpoints
-    addrs = [_ip(base + j) for j in range(endpoints)]
-    if first is not None:
-        addrs[0] = _ip(first)
-    return {
-        "metadata": {
-            "namespace": f"ns{i % 50}",
-            "name": f"svc{i}-1",
-            "labels": {"kubernetes.io/service-name": f"svc{i}"},
-        },
-        "addressType": "IPv4",
-        "endpoints": [
-            {"addresses": [a], "conditions": {"ready": True}, "nodeName": f"node{j}"}
-            for j, a in enumerate(addrs)
-        ],
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    }
+    """The one EndpointSlice of Service ``i`` (``first``: the churn step's address)."""
+    return workload.endpoint_slice(i, endpoints, _ip, first)
 
 
 def build_core(services: int, endpoints: int) -> ProxyCore:
     """A proxy core fed the synthetic objects through its event handlers."""
-    core = ProxyCore(NODE)
-    for i in range(services):
-        core.on_service(None, service(i))
-        core.on_endpoint_slice(None, endpoint_slice(i, endpoints))
-    return core
+    return workload.build_core(NODE, services, service, lambda i: endpoint_slice(i, endpoints))
 
 
 def render_options() -> RenderOptions:
