@@ -10,8 +10,9 @@ headless EndpointSlices away (filtered by the server, checked on the wire too);
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -140,6 +141,18 @@ class Recorder:
         return sorted(self.state[kind])
 
 
+@contextlib.asynccontextmanager
+async def running(coro: Coroutine[Any, Any, Any]) -> AsyncIterator[asyncio.Task[Any]]:
+    """``coro`` as a task for the block; then cancelled, and it must end cancelled."""
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     try:
         async with asyncio.timeout(timeout):
@@ -167,8 +180,7 @@ def test_events_flow_to_the_handler() -> None:
         await server.put("nodes", node("node-b"))  # 104: not ours
         rec = Recorder()
         src = source(client)
-        task = asyncio.create_task(src.run(rec))
-        try:
+        async with running(src.run(rec)):
             await until(lambda: rec.synced_calls == 1, "synced")
             await watching(server)
             assert sorted(rec.log) == sorted(
@@ -206,10 +218,6 @@ def test_events_flow_to_the_handler() -> None:
                 "topology.kubernetes.io/zone": "z1"
             }
             assert rec.synced_calls == 1
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
         # run() stopped its informers when cancelled.
         await until(lambda: server.open_watches == 0, "the watches to close")
 
@@ -230,8 +238,7 @@ def test_upstream_selectors_filter_headless_and_other_proxies() -> None:
         await server.put("endpointslices", eps("other", ["10.244.1.4"], **proxy_name))
         rec = Recorder()
         src = source(client)
-        task = asyncio.create_task(src.run(rec))
-        try:
+        async with running(src.run(rec)):
             await until(lambda: rec.synced_calls == 1, "synced")
             await watching(server)
             assert rec.names("service") == ["default/plain"]
@@ -257,10 +264,6 @@ def test_upstream_selectors_filter_headless_and_other_proxies() -> None:
             assert queries["/api/v1/nodes"]["fieldSelector"] == f"metadata.name={NODE}"
             assert SERVICE_LABEL_SELECTOR == "!service.kubernetes.io/service-proxy-name"
             assert ENDPOINT_SLICE_LABEL_SELECTOR == "!service.kubernetes.io/headless"
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
 
     run(body)
 
@@ -273,8 +276,7 @@ def test_synced_once_after_both_first_lists() -> None:
         server.fail_lists = 2
         rec = Recorder()
         src = source(client, resync_period=0.05)
-        task = asyncio.create_task(src.run(rec))
-        try:
+        async with running(src.run(rec)):
             await until(lambda: rec.synced_calls == 1, "synced")
             at = rec.log.index(("synced", None, None))
             before = {entry[0] for entry in rec.log[:at]}
@@ -290,10 +292,6 @@ def test_synced_once_after_both_first_lists() -> None:
             await until(lambda: src.services.relists >= 1, "a relist")
             await asyncio.sleep(0.1)
             assert rec.synced_calls == 1
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
 
     run(body)
 
@@ -306,8 +304,7 @@ def test_410_relist_converges_on_the_server_state() -> None:
         await server.put("nodes", node(NODE))
         rec = Recorder()
         src = source(client)
-        task = asyncio.create_task(src.run(rec))
-        try:
+        async with running(src.run(rec)):
             await until(lambda: rec.synced_calls == 1, "synced")
             await watching(server)
             rec.log.clear()
@@ -338,10 +335,6 @@ def test_410_relist_converges_on_the_server_state() -> None:
             await watching(server)
             await server.put("services", svc("later"))
             await until(lambda: "default/later" in rec.state["service"], "watch after relist")
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
 
     run(body)
 
@@ -361,16 +354,11 @@ def test_run_proxy_follows_the_apiserver_of_master() -> None:
             min_sync_period=0.0,
         )
         out = io.StringIO()
-        task = asyncio.create_task(run_proxy(cfg, dry_run=True, out=out))
-        try:
+        async with running(run_proxy(cfg, dry_run=True, out=out)) as task:
             await until(lambda: "# kproxy sync 1 full" in out.getvalue() or task.done(), "sync 1")
             assert not task.done() or task.result()
             await server.put("endpointslices", eps("a", ["10.244.1.3"]))
             await until(lambda: "10.244.1.3" in out.getvalue() or task.done(), "sync 2")
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
         text = out.getvalue()
         assert "10.96.0.41" in text and "10.244.1.2" in text
         assert "10.96.0.42" not in text
