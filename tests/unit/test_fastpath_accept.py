@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import importlib
 import os
 import socket
 import threading
@@ -23,22 +22,8 @@ from typing import Any
 
 import pytest
 
-from kproxy import _fastpath_py
+from tests.support.impls import IMPLS
 
-
-def _compiled() -> ModuleType | None:
-    try:
-        return importlib.import_module("kproxy._fastpath")
-    except ImportError:
-        if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        return None
-
-
-COMPILED = _compiled()
-IMPLS = [pytest.param(_fastpath_py, id="twin")]
-if COMPILED is not None:
-    IMPLS.append(pytest.param(COMPILED, id="compiled"))
 FAST_DIALS = (0.2, 0.2, 0.2, 0.2)
 
 

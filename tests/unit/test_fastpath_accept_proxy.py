@@ -11,15 +11,12 @@ Python. Runs on 127.0.0.1 with bounded timeouts.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 
 import pytest
 
-from kproxy import _fastpath_py
 from kproxy.proxy.types import ServicePortName
 from kproxy.proxy.userspace.loadbalancer import LoadBalancer, RoundRobinLoadBalancer
 from kproxy.proxy.userspace.maglev import MaglevLoadBalancer
@@ -27,21 +24,8 @@ from kproxy.proxy.userspace.metrics import UserspaceMetrics
 from kproxy.proxy.userspace.proxysocket import TcpProxySocket
 from kproxy.proxy.userspace.splice import SpliceRelay
 from tests.support.backends import backend
+from tests.support.impls import IMPLS
 
-
-def _compiled() -> ModuleType | None:
-    try:
-        return importlib.import_module("kproxy._fastpath")
-    except ImportError:
-        if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        return None
-
-
-COMPILED = _compiled()
-IMPLS = [pytest.param(_fastpath_py, id="twin")]
-if COMPILED is not None:
-    IMPLS.append(pytest.param(COMPILED, id="compiled"))
 SVC = ServicePortName("ns", "web", "http", "TCP")
 FAST_DIALS = (0.2, 0.2, 0.2, 0.2)
 

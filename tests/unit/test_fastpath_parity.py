@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib
 import os
 from types import ModuleType
 
@@ -21,23 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kproxy import _fastpath_py, fastpath
-
-
-def _compiled() -> ModuleType | None:
-    try:
-        return importlib.import_module("kproxy._fastpath")
-    except ImportError:
-        if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        return None
-
-
-COMPILED = _compiled()
-IMPLS = [pytest.param(_fastpath_py, id="twin")]
-if COMPILED is not None:
-    IMPLS.append(pytest.param(COMPILED, id="compiled"))
-
-needs_compiled = pytest.mark.skipif(COMPILED is None, reason="extension not built")
+from tests.support.impls import COMPILED, IMPLS, needs_compiled
 
 KNOWN = [
     (("ns1/svc1:p80", "tcp"), "XPGD46QRK7WJZT7O"),

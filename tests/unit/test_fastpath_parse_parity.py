@@ -10,8 +10,6 @@ fixture builder here (reference userspace-upstream.md §6), so it is optional.
 
 from __future__ import annotations
 
-import importlib
-import os
 import socket
 from types import ModuleType
 from typing import Any
@@ -21,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kproxy import _fastpath_py
+from tests.support.impls import COMPILED
 from tests.support.tiers import require_module
 
 scapy_all = require_module("scapy.all")
@@ -38,16 +37,6 @@ DestOpt: Any = scapy_all.IPv6ExtHdrDestOpt
 Fragment6: Any = scapy_all.IPv6ExtHdrFragment
 
 
-def _compiled() -> ModuleType | None:
-    try:
-        return importlib.import_module("kproxy._fastpath")
-    except ImportError:
-        if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        return None
-
-
-COMPILED = _compiled()
 IMPLS: list[ModuleType] = [_fastpath_py] + ([COMPILED] if COMPILED is not None else [])
 P = _fastpath_py
 OK, TRUNC, FRAG, UNSUP, BAD = (

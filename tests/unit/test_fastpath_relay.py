@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
 import os
 import socket
 import struct
@@ -22,23 +21,9 @@ from types import ModuleType
 
 import pytest
 
-from kproxy import _fastpath_py
 from kproxy.proxy.userspace.splice import SpliceRelay
+from tests.support.impls import IMPLS
 
-
-def _compiled() -> ModuleType | None:
-    try:
-        return importlib.import_module("kproxy._fastpath")
-    except ImportError:
-        if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        return None
-
-
-COMPILED = _compiled()
-IMPLS = [pytest.param(_fastpath_py, id="twin")]
-if COMPILED is not None:
-    IMPLS.append(pytest.param(COMPILED, id="compiled"))
 MODES = [pytest.param(False, id="splice"), pytest.param(True, id="copy")]
 MiB = 1024 * 1024
 

@@ -10,8 +10,6 @@ balanced shares, minimal disruption on removal, exact-ish weighted shares.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import os
 from collections import Counter
 from types import ModuleType
 
@@ -20,22 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy import _fastpath_py, fastpath
-
-
-def _compiled() -> ModuleType | None:
-    try:
-        return importlib.import_module("kproxy._fastpath")
-    except ImportError:
-        if os.environ.get("KPROXY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        return None
-
-
-COMPILED = _compiled()
-IMPLS = [pytest.param(_fastpath_py, id="twin")]
-if COMPILED is not None:
-    IMPLS.append(pytest.param(COMPILED, id="compiled"))
-needs_compiled = pytest.mark.skipif(COMPILED is None, reason="extension not built")
+from tests.support.impls import COMPILED, IMPLS, needs_compiled
 
 NAMES = [f"10.1.{i // 250}.{i % 250}:8080" for i in range(1000)]
 
