@@ -162,6 +162,25 @@ class ProxyMetrics:
             registry=r,
         )
 
+    def rules_synced(
+        self,
+        ip_family: str,
+        written: Mapping[str, int],
+        total: Mapping[str, int] | None = None,
+        *,
+        no_local: tuple[int, int] | None = None,
+    ) -> None:
+        """The gauges of one sync: rules written per table, rules owned after it
+        (``total``, default: what was written) and, when given, the Services with no
+        local endpoints (internal, external traffic policy)."""
+        for table, n in written.items():
+            self.iptables_last.labels(table=table, ip_family=ip_family).set(n)
+        for table, n in (written if total is None else total).items():
+            self.iptables_total.labels(table=table, ip_family=ip_family).set(n)
+        if no_local is not None:
+            for policy, n in zip(("internal", "external"), no_local, strict=True):
+                self.no_local_endpoints.labels(traffic_policy=policy, ip_family=ip_family).set(n)
+
     def restore_failed(self, ip_family: str, *, partial: bool) -> None:
         """Count a failed ``iptables-restore`` (and, for a partial sync, the partial counter)."""
         self.restore_failures.labels(ip_family=ip_family).inc()

@@ -124,15 +124,8 @@ class _Renders:
         written = {"filter": r.filter_rules, "nat": r.nat_rules_last}
         total = {"filter": r.filter_rules, "nat": r.nat_rules_total}
         if m is not None:
-            for table in ("filter", "nat"):
-                m.iptables_last.labels(table=table, ip_family=fam).set(written[table])
-                m.iptables_total.labels(table=table, ip_family=fam).set(total[table])
-            m.no_local_endpoints.labels(traffic_policy="internal", ip_family=fam).set(
-                r.no_local_endpoints_internal
-            )
-            m.no_local_endpoints.labels(traffic_policy="external", ip_family=fam).set(
-                r.no_local_endpoints_external
-            )
+            no_local = (r.no_local_endpoints_internal, r.no_local_endpoints_external)
+            m.rules_synced(fam, written, total, no_local=no_local)
         return SyncResult(
             full=r.full,
             ok=True,

@@ -479,11 +479,7 @@ class IpvsMode:
         n_int, n_ext = self.planner.no_local_endpoints
         rules = {"filter": restore.filter_rules, "nat": restore.nat_rules}
         if m is not None:
-            for table, n in rules.items():
-                m.iptables_last.labels(table=table, ip_family=fam).set(n)
-                m.iptables_total.labels(table=table, ip_family=fam).set(n)
-            m.no_local_endpoints.labels(traffic_policy="internal", ip_family=fam).set(n_int)
-            m.no_local_endpoints.labels(traffic_policy="external", ip_family=fam).set(n_ext)
+            m.rules_synced(fam, rules, no_local=(n_int, n_ext))
         return SyncResult(full=full, ok=True, rules_written=rules, rules_total=rules)
 
     def _failed(self, full: bool, error: str, *, restore: bool) -> SyncResult:

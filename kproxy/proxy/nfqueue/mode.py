@@ -227,9 +227,7 @@ class NfqueueMode:
         self.need_full = bool(problems)
         counts = {"mangle": rendered.mangle_rules, "nat": rendered.nat_rules}
         if self.metrics is not None:
-            for table, n in counts.items():
-                self.metrics.iptables_last.labels(table=table, ip_family=IPV4).set(n)
-                self.metrics.iptables_total.labels(table=table, ip_family=IPV4).set(n)
+            self.metrics.rules_synced(IPV4, counts)
         return SyncResult(
             full=full,
             ok=not problems,
