@@ -67,27 +67,21 @@ class _Housekeeping:
                 log.exception("affinity sweep failed")
 
 
-class QueueHandler:
-    """Serves the bound queues from one daemon thread with a :class:`Decider`."""
+class _Serving:
+    """What both handlers share: the decider, the queues, the serving thread's
+    handles and its :class:`_Housekeeping`, and the kernel's counters of the queues."""
 
     def __init__(
         self,
         decider: Decider,
         queues: Sequence[int],
-        factory: QueueFactory,
-        *,
-        stats: Callable[[], Mapping[int, QueueStats]] = read_queue_stats,
+        stats: Callable[[], Mapping[int, QueueStats]],
     ) -> None:
         self.decider = decider
         self.queue_nums = tuple(queues)
-        self._factory = factory
         self._stats = stats
-        self._queues: list[PacketQueue] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._wake: tuple[int, int] | None = None
-        self.packets = 0
-        self.errors = 0
         self._house: _Housekeeping | None = None
 
     @property
@@ -98,6 +92,30 @@ class QueueHandler:
     def pps(self) -> float:
         """Verdicts per second over the last full second (0 when stopped)."""
         return self._house.pps if self._house is not None else 0.0
+
+    def queue_stats(self) -> dict[int, QueueStats]:
+        """Kernel counters of our queues (all of them, bound or not)."""
+        stats = self._stats()
+        return {n: stats[n] for n in self.queue_nums if n in stats}
+
+
+class QueueHandler(_Serving):
+    """Serves the bound queues from one daemon thread with a :class:`Decider`."""
+
+    def __init__(
+        self,
+        decider: Decider,
+        queues: Sequence[int],
+        factory: QueueFactory,
+        *,
+        stats: Callable[[], Mapping[int, QueueStats]] = read_queue_stats,
+    ) -> None:
+        super().__init__(decider, queues, stats)
+        self._factory = factory
+        self._queues: list[PacketQueue] = []
+        self._wake: tuple[int, int] | None = None
+        self.packets = 0
+        self.errors = 0
 
     def publish(self) -> None:
         """Nothing to do: the callback reads the decider's tables directly."""
@@ -190,13 +208,8 @@ class QueueHandler:
             except Exception:
                 log.exception("cannot unbind NFQUEUE %d", q.queue_num)
 
-    def queue_stats(self) -> dict[int, QueueStats]:
-        """Kernel counters of our queues (all of them, bound or not)."""
-        stats = self._stats()
-        return {n: stats[n] for n in self.queue_nums if n in stats}
 
-
-class LoopHandler:
+class LoopHandler(_Serving):
     """Serves the queues with the fast path's ``NfqLoop`` (the C loop when compiled).
 
     Same surface as :class:`QueueHandler`. The loop owns recv → parse → select
@@ -217,9 +230,7 @@ class LoopHandler:
         max_len: int = 4096,
         stats: Callable[[], Mapping[int, QueueStats]] = read_queue_stats,
     ) -> None:
-        self.decider = decider
-        self.queue_nums = tuple(queues)
-        self._stats = stats
+        super().__init__(decider, queues, stats)
         self.loop: Any = decider.impl.NfqLoop(
             self.queue_nums,
             copy_range=copy_range,
@@ -227,21 +238,9 @@ class LoopHandler:
             mark_mask=MARK_MASK,
             delegate=decider.decide,
         )
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._seen_unmarked = [0] * (len(REASONS) + 1)
         self._seen_errors = 0
-        self._house: _Housekeeping | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def pps(self) -> float:
-        """Verdicts per second over the last full second (0 when stopped)."""
-        return self._house.pps if self._house is not None else 0.0
 
     @property
     def packets(self) -> int:
@@ -314,8 +313,3 @@ class LoopHandler:
                 thread.join(STOP_TIMEOUT_S)
         self.loop.close()
         self._house = None
-
-    def queue_stats(self) -> dict[int, QueueStats]:
-        """Kernel counters of our queues (all of them, bound or not)."""
-        stats = self._stats()
-        return {n: stats[n] for n in self.queue_nums if n in stats}
