@@ -118,6 +118,9 @@ class FakeIptables:
         self._version = version
         self._tables: dict[str, _Table] = {}
         self.restores: list[str] = []  # every restore input, for tests to inspect
+        # Fault injection: the next ``fail_restores`` restores are refused (nothing
+        # applied) with the RestoreError the real tool's failure raises.
+        self.fail_restores = 0
 
     @property
     def family(self) -> Family:
@@ -140,6 +143,9 @@ class FakeIptables:
         counters: bool = True,
     ) -> None:
         self.restores.append(text)
+        if self.fail_restores > 0:
+            self.fail_restores -= 1
+            raise RestoreError("injected failure", text=text, line=1, stderr="injected")
         lines = select_tables(text, tables).splitlines()
         work: _Table | None = None
         lineno = 0

@@ -7,14 +7,12 @@ import io
 import json
 import os
 import signal
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kproxy.kernel.fakes.iptables import FakeIptables
-from kproxy.kernel.iptables import RestoreError
 from kproxy.proxy.config import ProxyConfig
 from kproxy.proxy.core import ProxyCore
 from kproxy.proxy.daemon import run_proxy
@@ -30,26 +28,6 @@ from tests.unit.proxy.goldens import NODE_NAME, make_service, make_slice, test_o
 FAMILY = "IPv4"
 
 
-class FlakyIptables(FakeIptables):
-    """Fails the next ``fail_restores`` restores the way the real tool does."""
-
-    fail_restores = 0
-
-    def restore(
-        self,
-        text: str,
-        *,
-        tables: Collection[str] | None = None,
-        noflush: bool = True,
-        counters: bool = True,
-    ) -> None:
-        if self.fail_restores > 0:
-            self.fail_restores -= 1
-            self.restores.append(text)
-            raise RestoreError("injected failure", text=text, line=1, stderr="injected")
-        super().restore(text, tables=tables, noflush=noflush, counters=counters)
-
-
 def chains_of(ns: str, name: str) -> ServiceChains:
     return ServiceChains.of(ServicePortName(ns, name, "p80", "TCP"))
 
@@ -59,7 +37,7 @@ class Rig:
 
     def __init__(self, *, clock: list[float] | None = None) -> None:
         self.now = clock if clock is not None else [1000.0]
-        self.ipt = FlakyIptables()
+        self.ipt = FakeIptables()
         self.metrics = ProxyMetrics()
         self.health = ProxyHealth(60.0)
         self.core = ProxyCore(NODE_NAME)

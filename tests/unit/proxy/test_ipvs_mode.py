@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
@@ -23,7 +23,7 @@ from kproxy.kernel.fakes.ipset import FakeIpset
 from kproxy.kernel.fakes.iptables import FakeIptables
 from kproxy.kernel.fakes.ipvs import FakeIpvs
 from kproxy.kernel.fakes.links import FakeLinks
-from kproxy.kernel.iptables import IptablesError, RestoreError
+from kproxy.kernel.iptables import IptablesError
 from kproxy.kernel.ipvs import IPProtocol, IpvsError, RealServer, VirtualServer
 from kproxy.kernel.ipvs_batch import ApplyResult, IpvsOneByOne, IpvsOp, OpFailure, OpKind
 from kproxy.proxy.core import ProxyCore
@@ -48,23 +48,6 @@ def vs_of(i: int, port: int = 80, proto: str = "TCP") -> VirtualServer:
     return VirtualServer(ip(vip(i)), port, IPProtocol[proto])
 
 
-class FlakyIptables(FakeIptables):
-    fail_restores = 0
-
-    def restore(
-        self,
-        text: str,
-        *,
-        tables: Collection[str] | None = None,
-        noflush: bool = True,
-        counters: bool = True,
-    ) -> None:
-        if self.fail_restores > 0:
-            self.fail_restores -= 1
-            raise RestoreError("injected failure", text=text, line=1, stderr="injected")
-        super().restore(text, tables=tables, noflush=noflush, counters=counters)
-
-
 class Rig:
     """``n`` Services (svc0..) with ``eps`` endpoints each, the fakes, the mode and the loop."""
 
@@ -84,7 +67,7 @@ class Rig:
         self.ipset = FakeIpset()
         self.links = FakeLinks()
         self.links.state.node_addresses = {ip(NODE_IP), ip("127.0.0.1")}
-        self.ipt = FlakyIptables()
+        self.ipt = FakeIptables()
         self.metrics = ProxyMetrics()
         self.sysctls: dict[str, str] = {}
         self.protocol = protocol
@@ -551,7 +534,7 @@ def test_an_ipvs_error_is_a_failed_sync_not_an_exception() -> None:
 # -- the fixed rules: one save, one restore -------------------------------------------------
 
 
-class CountingIptables(FlakyIptables):
+class CountingIptables(FakeIptables):
     """Counts the execs a real backend would run (``iptables-save``, ``-restore``, ``-C``...)."""
 
     def __init__(self) -> None:
